@@ -1,0 +1,73 @@
+"""Checkpoints: one dict of tensors and builtins that loads with ``torch.load(weights_only=True)``.
+
+Keys: ``format_version``, ``arch``, ``class_names``, ``preprocess``, ``calibration``, ``model_state``,
+``config``, ``metrics``, ``versions``, ``epoch`` and, in ``last.pt`` only, ``resume`` (optimizer, scheduler,
+RNG and early-stopping state). Files are written to a temporary name, then renamed: a crash never leaves a
+half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BrainscanError
+
+FORMAT_VERSION = 1
+REQUIRED = ("arch", "class_names", "preprocess", "model_state")
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import torchvision
+
+    from . import __version__
+
+    versions = {
+        "brainscan": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+    return {k: str(v) for k, v in versions.items()}  # torch's TorchVersion is not a plain str
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    payload = {"format_version": FORMAT_VERSION, "versions": library_versions(), **payload}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load safely (no pickled code) and check it carries what prediction needs.
+
+    Raises:
+        BrainscanError: missing file, not a brainscan checkpoint, or a newer format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BrainscanError(f"{path}: no such checkpoint.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BrainscanError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
+        raise BrainscanError(f"{path}: not a brainscan checkpoint (needs keys {', '.join(REQUIRED)}).")
+    version = int(ckpt.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise BrainscanError(
+            f"{path}: format {version} is newer than this brainscan reads ({FORMAT_VERSION}); upgrade."
+        )
+    ckpt.setdefault("calibration", {"temperature": 1.0})
+    return ckpt

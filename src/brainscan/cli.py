@@ -1,0 +1,268 @@
+"""The ``brainscan`` command: a thin Typer layer that builds a config, calls one library function, renders."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import DISCLAIMER
+from .errors import BrainscanError
+
+app = typer.Typer(
+    help=f"Brain-tumour MRI slice classification. {DISCLAIMER}",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="A brainscan checkpoint (best.pt).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter; results only.")]
+Index = Annotated[
+    Path | None, typer.Option(help="CSV with path,label[,group][,split]; paths relative to --data or the CSV.")
+]
+GroupColumn = Annotated[
+    str | None, typer.Option(help="Index column whose values never straddle splits (e.g. cv_fold).")
+]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Report user mistakes (BrainscanError) as one red line and exit code 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BrainscanError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Annotated[
+        Path | None, typer.Option(help="Image folder: class folders, split folders or an index's base.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("runs/latest"),
+    index: Index = None,
+    group_column: GroupColumn = None,
+    model: Annotated[
+        str, typer.Option(help="Architecture: cnn, mobilenet_v2, resnet18, ... (see `brainscan models`).")
+    ] = "mobilenet_v2",
+    weights: Annotated[
+        str | None, typer.Option(help="State_dict file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1).")
+    ] = None,
+    epochs: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate of the new head.")] = 1e-3,
+    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone lr = lr × this, once unfrozen.")] = 0.3,
+    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="adamw or adam.")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="cosine, onecycle, plateau or none.")] = "cosine",
+    freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")] = 1,
+    label_smoothing: Annotated[float, typer.Option()] = 0.0,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = 0,
+    monitor: Annotated[
+        str, typer.Option(help="val_balanced_accuracy, val_accuracy, val_macro_f1 or val_loss.")
+    ] = "val_balanced_accuracy",
+    balance: Annotated[str, typer.Option(help="Class imbalance: none, sampler or loss.")] = "loss",
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch off train-time augmentation.")] = False,
+    no_crop: Annotated[
+        bool, typer.Option("--no-crop", help="Keep the black background instead of cropping to the head.")
+    ] = False,
+    keep_duplicates_apart: Annotated[
+        bool, typer.Option("--ignore-duplicates", help="Do not group byte-identical files when splitting.")
+    ] = False,
+    val_fraction: Annotated[float, typer.Option()] = 0.15,
+    test_fraction: Annotated[float, typer.Option()] = 0.15,
+    cache_dir: Annotated[Path | None, typer.Option(help="Reuse decoded images across runs from this folder.")] = None,
+    strict: Annotated[bool, typer.Option(help="Unreadable files are fatal instead of skipped.")] = False,
+    device: Device = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
+    from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from .train import train as run_train
+
+    config = RunConfig(
+        data=DataConfig(
+            root=str(data) if data else None,
+            index=str(index) if index else None,
+            group_column=group_column,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            group_duplicates=not keep_duplicates_apart,
+            strict=strict,
+            image_size=image_size,
+            crop_background=not no_crop,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        ),
+        out=str(out),
+        model=ModelConfig(name=model, weights=weights),
+        train=TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            backbone_lr_scale=backbone_lr_scale,
+            weight_decay=weight_decay,
+            optimizer=optimizer,
+            schedule=schedule,
+            freeze_epochs=freeze_epochs,
+            label_smoothing=label_smoothing,
+            patience=patience,
+            monitor=monitor,
+            balance=balance,
+            augment=not no_augment,
+            seed=seed,
+            device=device,
+        ),
+        quiet=quiet,
+    )
+    result = run_train(config, resume=resume)
+    _print_metrics(result.metrics, quiet=quiet)
+    out_console.print(f"Run directory: {result.run_dir}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    checkpoint: Checkpoint,
+    data: Annotated[
+        Path | None, typer.Option(help="Evaluate on this folder instead of the run's recorded split.")
+    ] = None,
+    index: Index = None,
+    group_column: GroupColumn = None,
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Metrics JSON path (default: beside the checkpoint).")] = None,
+    tta: Annotated[bool, typer.Option(help="Average flipped views.")] = False,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Score a checkpoint; prints the metrics JSON (same schema as the run's metrics.json) and writes it."""
+    from .evaluate import default_metrics_path
+    from .evaluate import evaluate as run_evaluate
+
+    metrics = run_evaluate(
+        checkpoint,
+        data=data,
+        index=index,
+        group_column=group_column,
+        split=split,
+        out=out,
+        tta=tta,
+        device=device,
+        quiet=quiet,
+    )
+    _print_metrics(metrics, quiet=quiet)
+    print(json.dumps(metrics, indent=2))
+    err_console.print(f"Metrics written to {out or default_metrics_path(checkpoint, split)}")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")],
+    checkpoint: Checkpoint,
+    tta: Annotated[bool, typer.Option(help="Average flipped views.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per input: path, label, probabilities.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: Device = "auto",
+) -> None:
+    """Classify images with a trained checkpoint. Unreadable files are reported and skipped (exit code 1)."""
+    from .data.readers import ImageReadError, is_supported
+    from .predict import Predictor
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+        else:
+            files.append(path)
+    if not files:
+        raise BrainscanError("No image files given.")
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    failures = 0
+    table = Table("path", "label", "confidence", *predictor.class_names)
+    for file in files:
+        try:
+            result = predictor.predict(file, tta=tta)
+        except ImageReadError as exc:
+            failures += 1
+            err_console.print(f"[bold red]skipped[/] {exc}", highlight=False)
+            continue
+        if as_json:
+            print(json.dumps(result.to_dict()), flush=True)
+        else:
+            table.add_row(
+                str(file),
+                result.label,
+                f"{result.confidence:.3f}",
+                *(f"{p:.3f}" for p in result.probabilities.values()),
+            )
+    if not as_json:
+        out_console.print(table)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
+    quiet: Quiet = False,
+) -> None:
+    """Train, evaluate and predict on the sample shipped inside the package (no network, no ../shared)."""
+    from .demo import run_demo
+
+    result = run_demo(out, quiet=quiet)
+    out_console.print(json.dumps(result["prediction"]))
+    out_console.print(
+        f"Demo test accuracy {result['metrics']['accuracy']:.3f} on {result['metrics']['protocol']['n_evaluated']} "
+        f"held-out slices (patient-wise split of a tiny sample: it shows the pipeline, not clinical performance)."
+    )
+    out_console.print(f"Run directory: {result['run_dir']}")
+
+
+@app.command("models")
+def list_architectures() -> None:
+    """List the registered architectures."""
+    from .models import get_spec, list_models
+
+    table = Table("name", "pretrained weights (torchvision enum)", "Grad-CAM layers")
+    for name in list_models():
+        spec = get_spec(name)
+        table.add_row(name, spec.weights_enum or "none (from scratch)", ", ".join(spec.cam_layers))
+    out_console.print(table)
+
+
+def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
+    if quiet:
+        return
+    table = Table(title=f"{metrics['protocol'].get('split', '')} split — {metrics['protocol'].get('split_method', '')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity"):
+        if key in metrics and metrics[key] is not None:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    err_console.print(table)
+
+
+def main() -> None:
+    app()

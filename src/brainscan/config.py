@@ -1,0 +1,136 @@
+"""Typed, frozen run configuration: built once (CLI or notebook), saved in the run directory and checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BrainscanError
+
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "onecycle", "plateau", "none")
+BALANCE = ("none", "sampler", "loss")
+MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise BrainscanError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they become a split and model inputs."""
+
+    root: str | None = None  # folder of images (class folders, pre-split folders) or the base of an index's paths
+    index: str | None = None  # CSV with path,label and optional group/split columns
+    group_column: str | None = None  # index column whose values must never straddle splits (patient, cv_fold)
+    val_fraction: float = 0.15  # the customary 70/15/15 split when the data bring none
+    test_fraction: float = 0.15
+    group_duplicates: bool = True  # byte-identical files share a group, so a copy never sits in two splits
+    strict: bool = False  # unreadable files are fatal instead of skipped-and-reported
+    image_size: int = 224  # ImageNet backbones were trained at 224 px
+    crop_background: bool = True  # crop the black border to the head before resizing: more pixels on the brain
+    cache_dir: str | None = None  # on-disk cache of decoded, resized images (None: in memory only)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.root is not None or self.index is not None,
+            "Give a data folder (--data DIR) or an index (--index FILE).",
+        )
+        _check(0 < self.val_fraction < 1 and 0 < self.test_fraction < 1, "val/test fractions must lie in (0, 1).")
+        _check(self.val_fraction + self.test_fraction < 0.9, "val + test fractions leave too little to train on.")
+        _check(32 <= self.image_size <= 1024, f"image_size {self.image_size} is outside 32..1024 px.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which architecture, initialised from which weights."""
+
+    name: str = "mobilenet_v2"
+    weights: str | None = None  # a state_dict file, or a torchvision weights name such as DEFAULT / IMAGENET1K_V1
+    dropout: float = 0.2  # torchvision's MobileNetV2 default
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.dropout < 1, "dropout must lie in [0, 1).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fit: schedule, optimiser, stopping, imbalance, reproducibility."""
+
+    epochs: int = 8  # fits the patient-wise Figshare benchmark in under 20 min on 2 CPU cores
+    batch_size: int = 32
+    lr: float = 1e-3  # head learning rate; AdamW is forgiving around 1e-3 for a fresh linear head
+    backbone_lr_scale: float = 0.3  # pretrained layers move slower than the new head once unfrozen
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    freeze_epochs: int = 1  # head-only epochs before the backbone is unfrozen (pretrained models only)
+    label_smoothing: float = 0.0
+    patience: int = 0  # early stopping after this many epochs without improvement (0: off)
+    monitor: str = "val_balanced_accuracy"  # selects best.pt; balanced accuracy is robust to class imbalance
+    balance: str = "loss"  # class-weighted loss by default: the datasets here are imbalanced
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when present, else cpu
+    threads: int | None = None  # torch intra-op threads (None: one per physical core)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs must be at least 1.")
+        _check(self.batch_size >= 1, "batch_size must be at least 1.")
+        _check(self.lr > 0, "lr must be positive.")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}.")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}.")
+        _check(self.balance in BALANCE, f"balance must be one of {', '.join(BALANCE)}.")
+        _check(self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}.")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1).")
+        _check(self.freeze_epochs >= 0 and self.patience >= 0, "freeze_epochs and patience must be >= 0.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; saved as ``config.yaml`` in the run directory."""
+
+    data: DataConfig
+    out: str = "runs/latest"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain builtins only, so it fits a ``weights_only`` checkpoint and a YAML file."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error that names them."""
+        sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value)
+            elif key in ("out", "quiet"):
+                kwargs[key] = value
+            else:
+                raise BrainscanError(f"Unknown config section {key!r}.")
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def _build(kind: type, values: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise BrainscanError(f"Unknown {kind.__name__} field(s): {', '.join(sorted(unknown))}.")
+    return kind(**values)

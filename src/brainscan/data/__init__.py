@@ -1,0 +1,1 @@
+"""Reading, ingesting, splitting and transforming image data."""

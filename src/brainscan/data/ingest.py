@@ -1,0 +1,224 @@
+"""Find the images of a dataset, whatever its layout, and decode each once into a ``uint8`` table.
+
+Layouts, detected in this order:
+
+* an index CSV (``--index FILE``, or ``index.csv`` in the data folder) with ``path,label`` and optional
+  group and ``split`` columns; paths are relative to the data folder (default: the CSV's folder);
+* pre-split folders (``Training/ Testing/``, ``train/ val/ test/``, any case), each holding class folders;
+* class folders (``yes/ no/``).
+
+Every file is decoded before training starts: unreadable ones are reported with file and reason and skipped
+(or fatal with ``strict``), so a bad file never stops a run halfway.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BrainscanError
+from .readers import ImageReadError, is_supported, read_image
+from .transforms import prepare_slice
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: its path relative to the dataset root, label, optional group and predefined split."""
+
+    path: str
+    label: str
+    group: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class Dataset:
+    """What :func:`scan_dataset` found: records, sorted class names, the layout and files it could not use."""
+
+    root: Path
+    layout: str
+    records: list[Record]
+    class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def absolute(self, record: Record) -> Path:
+        return self.root / record.path
+
+
+@dataclass
+class ImageTable:
+    """Decoded, resized slices for the records that could be read, in record order."""
+
+    images: np.ndarray  # N×S×S uint8
+    hashes: list[str]  # sha1 of each file's bytes
+    kept: list[int]  # indices into the record list
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+def normalise_split(name: str, *, source: str) -> str:
+    key = name.strip().lower()
+    if key not in SPLIT_ALIASES:
+        raise BrainscanError(f"{source}: unknown split {name!r}; use train, val or test.")
+    return SPLIT_ALIASES[key]
+
+
+def scan_dataset(
+    root: str | Path | None = None, *, index: str | Path | None = None, group_column: str | None = None
+) -> Dataset:
+    """Detect the layout and list every image with its label (no decoding yet).
+
+    Example:
+        >>> ds = scan_dataset("../shared/data/brain-mri-yes-no")  # doctest: +SKIP
+        >>> ds.layout, ds.class_names
+        ('class-folders', ['no', 'yes'])
+    """
+    if index is None and root is not None and (Path(root) / "index.csv").is_file():
+        index = Path(root) / "index.csv"
+    if index is not None:
+        return _scan_index(Path(index), Path(root) if root else None, group_column)
+    if root is None:
+        raise BrainscanError("Give a data folder or an index CSV.")
+    root = Path(root)
+    if not root.is_dir():
+        raise BrainscanError(f"{root}: no such data folder.")
+    if group_column:
+        raise BrainscanError("--group-column needs an index CSV (--index FILE) that has that column.")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise BrainscanError(f"{root}: expected class folders (e.g. yes/ no/) or split folders (Training/ Testing/).")
+    if all(d.name.lower() in SPLIT_ALIASES for d in subdirs):
+        records, skipped = [], []
+        for split_dir in subdirs:
+            split = SPLIT_ALIASES[split_dir.name.lower()]
+            r, s = _scan_class_folders(root, split_dir, split)
+            records += r
+            skipped += s
+        layout = "split-folders"
+    else:
+        records, skipped = _scan_class_folders(root, root, None)
+        layout = "class-folders"
+    if not records:
+        raise BrainscanError(f"{root}: found no images ({len(skipped)} other files).")
+    return Dataset(root, layout, records, sorted({r.label for r in records}), skipped)
+
+
+def _scan_class_folders(root: Path, parent: Path, split: str | None) -> tuple[list[Record], list[tuple[str, str]]]:
+    records, skipped = [], []
+    for class_dir in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(class_dir.rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(root).as_posix()
+            if is_supported(path):
+                records.append(Record(rel, class_dir.name, None, split))
+            else:
+                skipped.append((rel, f"not an image file ({path.suffix or 'no suffix'})"))
+    return records, skipped
+
+
+def _scan_index(index: Path, root: Path | None, group_column: str | None) -> Dataset:
+    if not index.is_file():
+        raise BrainscanError(f"{index}: no such index file.")
+    root = root or index.parent
+    with index.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for needed in ("path", "label"):
+            if needed not in columns:
+                raise BrainscanError(f"{index}: missing column {needed!r} (has {', '.join(columns)}).")
+        group_key = group_column or ("group" if "group" in columns else None)
+        if group_key and group_key not in columns:
+            raise BrainscanError(f"{index}: no group column {group_key!r} (has {', '.join(columns)}).")
+        records = []
+        for line, row in enumerate(reader, start=2):
+            if not row["path"] or not row["label"]:
+                raise BrainscanError(f"{index}:{line}: empty path or label.")
+            split = row.get("split") or None
+            records.append(
+                Record(
+                    row["path"],
+                    row["label"],
+                    (row[group_key] or None) if group_key else None,
+                    normalise_split(split, source=f"{index}:{line}") if split else None,
+                )
+            )
+    if not records:
+        raise BrainscanError(f"{index}: the index lists no images.")
+    return Dataset(root, "index", records, sorted({r.label for r in records}))
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_images(
+    paths: Sequence[str | Path],
+    *,
+    image_size: int,
+    crop_background: bool = True,
+    cache_dir: str | Path | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+) -> ImageTable:
+    """Decode and resize every file once (two threads: decoding releases the GIL).
+
+    With ``cache_dir``, prepared slices are stored as ``.npy`` files keyed by the file's content hash and the
+    preparation settings, so a changed file is decoded again and an unchanged one never is.
+    """
+    cache = Path(cache_dir) if cache_dir else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def work(path: str | Path) -> tuple[np.ndarray | None, str, str | None]:
+        try:
+            digest = file_sha1(path)
+        except OSError as exc:
+            return None, "", f"cannot read file ({exc.strerror or exc})"
+        cached = cache / f"{digest}-{image_size}-{int(crop_background)}.npy" if cache else None
+        if cached is not None and cached.is_file():
+            return np.load(cached), digest, None
+        try:
+            array = prepare_slice(read_image(path), image_size, crop_background=crop_background)
+        except ImageReadError as exc:
+            return None, digest, exc.reason
+        if cached is not None:
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, cached)
+        return array, digest, None
+
+    images, hashes, kept, skipped = [], [], [], []
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        for i, (array, digest, error) in enumerate(pool.map(work, paths)):
+            if error is None:
+                images.append(array)
+                hashes.append(digest)
+                kept.append(i)
+            else:
+                skipped.append((str(paths[i]), error))
+            if on_progress:
+                on_progress(1)
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+    return ImageTable(stacked, hashes, kept, skipped)

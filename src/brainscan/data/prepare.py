@@ -1,0 +1,125 @@
+"""From a :class:`~brainscan.config.DataConfig` to decoded images with labels and a train/val/test split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import DataConfig
+from ..console import info, progress
+from ..errors import BrainscanError
+from .ingest import load_images, scan_dataset
+from .splits import assign_splits, effective_groups, read_split_file
+
+
+@dataclass
+class PreparedData:
+    """Decoded slices of every readable image, their labels and split, and the protocol that describes them."""
+
+    root: Path
+    class_names: list[str]
+    images: np.ndarray  # N×S×S uint8
+    targets: np.ndarray  # N int
+    splits: np.ndarray  # N str: train / val / test
+    rows: list[dict[str, str]]  # what split.csv records
+    protocol: dict[str, Any]
+    skipped: list[tuple[str, str]]
+
+    def subset(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.splits == split)
+
+
+def describe_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> str:
+    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  … and {len(skipped) - limit} more")
+    return "\n".join(lines)
+
+
+def prepare_data(
+    config: DataConfig, *, seed: int, split_file: str | Path | None = None, quiet: bool = False
+) -> PreparedData:
+    """Scan, decode (reporting unreadable files) and split the data.
+
+    With ``split_file`` (a run's ``split.csv``) the recorded split is reused instead of drawing a new one.
+
+    Raises:
+        BrainscanError: no usable images, unreadable files under ``strict``, or an empty split.
+    """
+    ds = scan_dataset(config.root, index=config.index, group_column=config.group_column)
+    paths = [ds.absolute(r) for r in ds.records]
+    with progress("Reading images", len(paths), quiet=quiet) as advance:
+        table = load_images(
+            paths,
+            image_size=config.image_size,
+            crop_background=config.crop_background,
+            cache_dir=config.cache_dir,
+            on_progress=advance,
+        )
+    root_str = str(ds.root)
+    skipped = [(p, r) for p, r in ds.skipped] + [
+        (str(Path(p).relative_to(root_str)) if p.startswith(root_str) else p, r) for p, r in table.skipped
+    ]
+    if skipped:
+        if config.strict:
+            raise BrainscanError(f"{len(skipped)} unusable file(s) under --strict:\n{describe_skipped(skipped)}")
+        info(f"[yellow]Skipped {len(skipped)} unusable file(s):[/]\n{describe_skipped(skipped)}", quiet=quiet)
+    records = [ds.records[i] for i in table.kept]
+    if not records:
+        raise BrainscanError(f"{ds.root}: none of the {len(paths)} listed images could be read.")
+    class_names = sorted({r.label for r in records})
+    targets = np.array([class_names.index(r.label) for r in records])
+
+    if split_file is not None:
+        recorded = {row["path"]: row for row in read_split_file(split_file)}
+        missing = [r.path for r in records if r.path not in recorded]
+        if missing:
+            raise BrainscanError(f"{split_file} does not list {len(missing)} image(s), e.g. {missing[0]}.")
+        splits = np.array([recorded[r.path]["split"] for r in records])
+        groups = np.array([int(recorded[r.path]["group"]) for r in records])
+        description, straddling = "reused from " + Path(split_file).name, 0
+    else:
+        groups = effective_groups([r.group for r in records], table.hashes if config.group_duplicates else None)
+        result = assign_splits(
+            targets,
+            groups=groups,
+            predefined=[r.split for r in records],
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=seed,
+        )
+        splits, description, straddling = result.splits, result.description, result.straddling_groups
+    for name in ("train", "val", "test"):
+        if not (splits == name).any():
+            raise BrainscanError(f"The {name} split is empty: too few images or groups to split.")
+    missing_classes = set(range(len(class_names))) - set(targets[splits == "train"])
+    if missing_classes:
+        names = ", ".join(class_names[i] for i in sorted(missing_classes))
+        raise BrainscanError(f"The training split has no images of class(es) {names}.")
+
+    duplicate_sets = sum(1 for c in Counter(table.hashes).values() if c > 1)
+    grouping = []
+    if ds.records and any(r.group for r in records):
+        grouping.append(f"group column {config.group_column or 'group'}")
+    if config.group_duplicates:
+        grouping.append("byte-identical files grouped (sha1)")
+    protocol = {
+        "dataset": root_str,
+        "layout": ds.layout,
+        "split_method": description,
+        "grouping": " + ".join(grouping) or "none (images split independently)",
+        "deduplication": "none: duplicates are kept (grouped, not removed)",
+        "exact_duplicate_sets": duplicate_sets,
+        "groups_straddling_splits": straddling,
+        "n_images": {name: int((splits == name).sum()) for name in ("train", "val", "test")},
+        "skipped_files": len(skipped),
+    }
+    rows = [
+        {"path": r.path, "label": r.label, "group": str(int(g)), "split": s, "sha1": h}
+        for r, g, s, h in zip(records, groups, splits, table.hashes, strict=True)
+    ]
+    return PreparedData(ds.root, class_names, table.images, targets, splits, rows, protocol, skipped)

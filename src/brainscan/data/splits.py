@@ -1,0 +1,132 @@
+"""Stratified, group-aware train/val/test splits: no group (patient, fold, duplicate set) in two splits."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from ..errors import BrainscanError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """A split name per image and a sentence describing how it was made (goes into every metric's protocol)."""
+
+    splits: np.ndarray
+    description: str
+    groups: np.ndarray  # the effective group id of each image
+    straddling_groups: int  # groups found in more than one split (only possible in predefined splits)
+
+
+def effective_groups(groups: Sequence[str | None], hashes: Sequence[str] | None) -> np.ndarray:
+    """Merge the given groups with exact-duplicate sets (same sha1) by union-find; returns one int per image."""
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_seen: dict[tuple[str, str], int] = {}
+    keys = [("group", g) for g in groups] + ([("sha1", h) for h in hashes] if hashes is not None else [])
+    for pos, key in enumerate(keys):
+        if key[1] is None:
+            continue
+        i = pos % len(groups)
+        if key in first_seen:
+            a, b = find(first_seen[key]), find(i)
+            parent[max(a, b)] = min(a, b)
+        else:
+            first_seen[key] = i
+    roots = [find(i) for i in range(len(groups))]
+    _, ids = np.unique(roots, return_inverse=True)
+    return ids
+
+
+def _carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices (a subset of ``indices``) holding about ``fraction`` of them, stratified by label, whole groups."""
+    sub_labels, sub_groups = labels[indices], groups[indices]
+    n_groups = len(np.unique(sub_groups))
+    if n_groups == len(indices):  # no shared groups: an exact stratified split
+        counts = np.bincount(sub_labels)
+        stratify = sub_labels if counts[counts > 0].min() >= 2 else None
+        size = max(1, round(fraction * len(indices)))  # an absolute count: float fractions round up at .0000001
+        _, take = train_test_split(indices, test_size=size, random_state=seed, stratify=stratify)
+        return np.sort(take)
+    n_splits = max(2, min(round(1 / fraction), n_groups))
+    if n_groups < 2:
+        raise BrainscanError("Cannot split: all images belong to one group.")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, take = next(folds.split(indices, sub_labels, sub_groups))
+    return np.sort(indices[take])
+
+
+def assign_splits(
+    labels: Sequence[int],
+    *,
+    groups: np.ndarray,
+    predefined: Sequence[str | None],
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> SplitResult:
+    """Keep the data's own splits and carve only what is missing, stratified and group-aware.
+
+    Without predefined splits this is the customary 70/15/15; with Training/Testing only, val is carved from
+    Training. Returns the split of every image and a description for the protocol.
+    """
+    labels = np.asarray(labels)
+    given = [s for s in predefined if s is not None]
+    if given and len(given) != len(predefined):
+        raise BrainscanError("Some images have a split and others do not: give a split for every row or none.")
+    splits = np.array([s or "" for s in predefined], dtype=object)
+    everything = np.arange(len(labels))
+    present = set(given)
+    parts = []
+    if not present:
+        test = _carve(everything, labels, groups, test_fraction, seed)
+        splits[:] = "train"
+        splits[test] = "test"
+        parts.append(f"test {test_fraction:.0%} carved (stratified, group-aware, seed {seed})")
+        present = {"train", "test"}
+    elif "test" not in present:
+        source = np.flatnonzero(splits == "train")
+        test = _carve(source, labels, groups, test_fraction / (1 - val_fraction), seed)
+        splits[test] = "test"
+        parts.append(f"predefined {'/'.join(sorted(set(given)))}; test carved from train (seed {seed})")
+        present.add("test")
+    else:
+        parts.append(f"predefined {'/'.join(s for s in SPLITS if s in present)}")
+    if "train" not in present:
+        raise BrainscanError("The data define no training split.")
+    if "val" not in present:
+        source = np.flatnonzero(splits == "train")
+        val = _carve(source, labels, groups, val_fraction / (1 - test_fraction), seed + 1)
+        splits[val] = "val"
+        parts.append(f"val carved from train (stratified, group-aware, seed {seed})")
+    straddling = sum(len(set(splits[groups == g])) > 1 for g in np.unique(groups))
+    return SplitResult(splits.astype(str), "; ".join(parts), groups, int(straddling))
+
+
+def write_split_file(path: str | Path, rows: Sequence[dict]) -> None:
+    """Write ``path,label,group,split,sha1`` rows; :func:`read_split_file` reads them back for evaluate."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split", "sha1"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_split_file(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise BrainscanError(f"{path}: split file not found; pass --data DIR to evaluate on a folder instead.")
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,101 @@
+"""Classification metrics (scikit-learn) in one schema, always with the protocol that produced them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+NEGATIVE_NAMES = {
+    "no",
+    "notumor",
+    "no_tumor",
+    "no-tumor",
+    "no tumor",
+    "no_tumour",
+    "notumour",
+    "normal",
+    "healthy",
+    "negative",
+}
+
+
+def negative_class(class_names: Sequence[str]) -> int | None:
+    """Index of the 'no tumour' class when exactly one class name says so."""
+    hits = [i for i, c in enumerate(class_names) if c.strip().lower() in NEGATIVE_NAMES]
+    return hits[0] if len(hits) == 1 else None
+
+
+def positive_class(class_names: Sequence[str]) -> int:
+    """The tumour class of a binary problem: the class that is not 'no tumour' (else the second class)."""
+    neg = negative_class(class_names)
+    return 1 - neg if neg is not None and len(class_names) == 2 else 1
+
+
+def compute_metrics(
+    targets: Sequence[int], probs: np.ndarray, class_names: Sequence[str], *, protocol: dict[str, Any]
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro F1, ROC-AUC (binary or one-vs-rest macro), per-class scores,
+    confusion matrix; binary problems add sensitivity and specificity of the tumour class."""
+    y = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = list(range(len(class_names)))
+    pred = probs.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "roc_auc": _roc_auc(y, probs, labels),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        },
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "class_names": list(class_names),
+    }
+    if len(class_names) == 2:
+        pos = positive_class(class_names)
+        out["positive_class"] = class_names[pos]
+        out["sensitivity"] = float(recall[pos])
+        out["specificity"] = float(recall[1 - pos])
+    out["protocol"] = protocol
+    return out
+
+
+def _roc_auc(y: np.ndarray, probs: np.ndarray, labels: list[int]) -> float | None:
+    present = np.unique(y)
+    if len(present) < 2:
+        return None  # undefined with one class present
+    if len(labels) == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    if len(present) < len(labels):
+        return None
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising validation NLL of ``softmax(logits / T)``."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    logits, targets = logits.detach().float(), targets.long()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    t = float(log_t.exp())
+    return t if np.isfinite(t) and 0.05 < t < 20 else 1.0

@@ -1,0 +1,419 @@
+"""Training: :func:`train` runs a whole experiment into a run directory; :func:`run_epoch` is the one loop
+used for training, validation and testing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .console import info, progress
+from .data.prepare import PreparedData, prepare_data
+from .data.splits import write_split_file
+from .data.transforms import Preprocess, to_model_input, train_augmentation
+from .errors import BrainscanError
+from .metrics import compute_metrics, fit_temperature
+from .models import ModelSpec, backbone_parameters, create_model, get_spec, head_parameters, set_backbone_frozen
+from .predict import Predictor, resolve_device
+
+HISTORY_FIELDS = [
+    "epoch",
+    "stage",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_macro_f1",
+    "lr",
+    "seconds",
+]
+
+
+class SliceDataset(Dataset):
+    """Cached ``uint8`` slices → (1×S×S uint8 tensor, label), augmented on the fly when a transform is given."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None = None) -> None:
+        self.images = torch.from_numpy(images)
+        self.targets = torch.from_numpy(targets).long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[i].unsqueeze(0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[i]
+
+
+@dataclass
+class EpochOutput:
+    loss: float
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.logits.argmax(1) == self.targets).float().mean()) if len(self.targets) else float("nan")
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` produced: the run directory, its best checkpoint and the held-out test metrics."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def run_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    preprocess: Preprocess,
+    criterion: nn.Module,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    frozen_spec: ModelSpec | None = None,
+    on_batch: Any = None,
+) -> EpochOutput:
+    """One pass over ``loader``: trains when an optimizer is given, else evaluates without gradients.
+
+    ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
+    statistics fixed during head-only epochs.
+    """
+    training = optimizer is not None
+    model.train(training)
+    if training and frozen_spec is not None:
+        set_backbone_frozen(model, frozen_spec, True)
+    use_amp = device.type == "cuda"
+    total_loss, all_logits, all_targets = 0.0, [], []
+    with torch.set_grad_enabled(training):
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(to_model_input(images, preprocess))
+                loss = criterion(logits.float(), targets)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            total_loss += float(loss.detach()) * len(targets)
+            all_logits.append(logits.detach().float().cpu())
+            all_targets.append(targets.cpu())
+            if on_batch:
+                on_batch(1)
+    n = sum(len(t) for t in all_targets)
+    return EpochOutput(total_loss / max(n, 1), torch.cat(all_logits), torch.cat(all_targets))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - third-party code may draw from numpy's global RNG
+
+
+def _set_threads(threads: int | None) -> None:
+    wanted = threads or max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
+def _build_optimizer(model: nn.Module, spec: ModelSpec, config: RunConfig, pretrained: bool) -> torch.optim.Optimizer:
+    t = config.train
+    backbone_lr = t.lr * (t.backbone_lr_scale if pretrained else 1.0)
+    groups = [
+        {"params": head_parameters(model, spec), "lr": t.lr},
+        {"params": backbone_parameters(model, spec), "lr": backbone_lr},
+    ]
+    kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int) -> Any:
+    t = config.train
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if t.schedule == "onecycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total)
+    if t.schedule == "plateau":
+        mode = "min" if t.monitor == "val_loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.3, patience=1)
+    return None
+
+
+def _class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _resume_state(run_dir: Path, config: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise BrainscanError(f"{run_dir}: nothing to resume (no last.pt).")
+    ckpt = load_checkpoint(last)
+    saved = RunConfig.from_dict(ckpt["config"])
+    # Only the epoch budget and verbosity may change on resume: the rest defines the experiment.
+    return replace(saved, train=replace(saved.train, epochs=config.train.epochs), quiet=config.quiet), ckpt
+
+
+def train(
+    config: RunConfig, *, resume: bool = False, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+) -> RunResult:
+    """Train a model as ``config`` says, writing a self-describing run directory at ``config.out``.
+
+    The run directory holds ``config.yaml``, ``split.csv``, ``history.csv``, ``best.pt``, ``last.pt``,
+    ``metrics.json`` (held-out test split) and PNG plots. ``resume=True`` continues from ``last.pt``.
+    ``on_epoch_end`` receives each epoch's history row once ``last.pt`` is written (live plots, custom stopping).
+
+    Example:
+        >>> cfg = RunConfig(DataConfig(root="../shared/data/brain-mri-yes-no"), out="runs/yesno")  # doctest: +SKIP
+        >>> result = train(cfg)  # doctest: +SKIP
+        >>> result.metrics["accuracy"]  # doctest: +SKIP
+    """
+    run_dir = Path(config.out)
+    resume_ckpt = None
+    if resume:
+        config, resume_ckpt = _resume_state(run_dir, config)
+    elif (run_dir / "last.pt").exists():
+        raise BrainscanError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    quiet = config.quiet
+    t = config.train
+    _seed_everything(t.seed)
+    _set_threads(t.threads)
+    device = resolve_device(t.device)
+    spec = get_spec(config.model.name)
+
+    data = prepare_data(config.data, seed=t.seed, split_file=run_dir / "split.csv" if resume else None, quiet=quiet)
+    config.save(run_dir / "config.yaml")
+    write_split_file(run_dir / "split.csv", data.rows)
+    info(_describe_data(data), quiet=quiet)
+
+    pretrained = bool(config.model.weights)
+    model = create_model(spec.name, len(data.class_names), config.model.weights, dropout=config.model.dropout)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    preprocess = Preprocess(config.data.image_size, spec.mean, spec.std, config.data.crop_background)
+
+    train_idx, val_idx = data.subset("train"), data.subset("val")
+    generator = torch.Generator().manual_seed(t.seed)
+    train_set = SliceDataset(
+        data.images[train_idx], data.targets[train_idx], train_augmentation() if t.augment else None
+    )
+    sampler = None
+    if t.balance == "sampler":
+        weights = _class_weights(data.targets[train_idx], len(data.class_names))[data.targets[train_idx]]
+        sampler = WeightedRandomSampler(weights.double(), len(train_idx), replacement=True, generator=generator)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=len(train_idx) > t.batch_size,
+        pin_memory=pin,
+    )
+    val_loader = DataLoader(SliceDataset(data.images[val_idx], data.targets[val_idx]), batch_size=64, pin_memory=pin)
+
+    class_weights = _class_weights(data.targets[train_idx], len(data.class_names)) if t.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(
+        weight=class_weights.to(device) if class_weights is not None else None, label_smoothing=t.label_smoothing
+    )
+    plain_loss = nn.CrossEntropyLoss()
+    optimizer = _build_optimizer(model, spec, config, pretrained)
+    scheduler = _build_scheduler(optimizer, config, len(train_loader))
+    per_step = scheduler is not None and t.schedule != "plateau"
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
+    if resume_ckpt is not None:
+        state = resume_ckpt["resume"]
+        model.load_state_dict(resume_ckpt["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["loader_rng"])
+        history = list(state["history"])
+        best_score, best_epoch, bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
+        start_epoch = int(resume_ckpt["epoch"]) + 1
+        data.protocol = resume_ckpt.get("data", data.protocol)
+        info(f"Resuming {run_dir} after epoch {start_epoch - 1}.", quiet=quiet)
+
+    common = {  # everything a checkpoint needs to predict and to describe itself
+        "arch": spec.name,
+        "class_names": data.class_names,
+        "preprocess": preprocess.to_dict(),
+        "config": config.to_dict(),
+        "data": data.protocol,
+        "pretrained": config.model.weights or "none",
+    }
+    sign = -1.0 if t.monitor == "val_loss" else 1.0
+    started = time.time()
+    for epoch in range(start_epoch, t.epochs + 1):
+        frozen = pretrained and epoch <= t.freeze_epochs
+        set_backbone_frozen(model, spec, frozen)
+        epoch_start = time.time()
+        with progress(
+            f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else ""), len(train_loader), quiet=quiet
+        ) as advance:
+            fit = run_epoch(
+                model,
+                train_loader,
+                preprocess=preprocess,
+                criterion=criterion,
+                device=device,
+                optimizer=optimizer,
+                scheduler=scheduler if per_step else None,
+                frozen_spec=spec if frozen else None,
+                on_batch=advance,
+            )
+        val = run_epoch(model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device)
+        val_metrics = compute_metrics(val.targets.numpy(), val.logits.softmax(1).numpy(), data.class_names, protocol={})
+        row = {
+            "epoch": epoch,
+            "stage": "head" if frozen else "full",
+            "train_loss": round(fit.loss, 5),
+            "train_accuracy": round(fit.accuracy, 5),
+            "val_loss": round(val.loss, 5),
+            "val_accuracy": round(val_metrics["accuracy"], 5),
+            "val_balanced_accuracy": round(val_metrics["balanced_accuracy"], 5),
+            "val_macro_f1": round(val_metrics["macro_f1"], 5),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.time() - epoch_start, 1),
+        }
+        history.append(row)
+        _write_history(run_dir / "history.csv", history)
+        info(
+            f"epoch {epoch}: train loss {fit.loss:.4f} acc {fit.accuracy:.3f} | val loss {val.loss:.4f} "
+            f"acc {val_metrics['accuracy']:.3f} bal-acc {val_metrics['balanced_accuracy']:.3f} ({row['seconds']}s)",
+            quiet=quiet,
+        )
+        if t.schedule == "plateau":
+            scheduler.step(row[t.monitor])
+        score = sign * row[t.monitor]
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            save_checkpoint({**common, "model_state": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+        else:
+            bad_epochs += 1
+        resume_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "torch_rng": torch.get_rng_state(),
+            "loader_rng": generator.get_state(),
+            "history": history,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+        }
+        save_checkpoint(
+            {**common, "model_state": model.state_dict(), "epoch": epoch, "resume": resume_state}, run_dir / "last.pt"
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+        if t.patience and bad_epochs >= t.patience:
+            info(f"Early stopping: no {t.monitor} improvement for {t.patience} epochs.", quiet=quiet)
+            break
+    train_seconds = time.time() - started
+
+    return _finish(run_dir, data, preprocess, device, history, train_seconds, best_epoch, quiet)
+
+
+def _finish(
+    run_dir: Path,
+    data: PreparedData,
+    preprocess: Preprocess,
+    device: torch.device,
+    history: list[dict[str, Any]],
+    train_seconds: float,
+    best_epoch: int,
+    quiet: bool,
+) -> RunResult:
+    """Calibrate the best model on val, score it on test, write metrics.json, plots and the final best.pt."""
+    from .plots import plot_confusion_matrix, plot_curves, plot_examples
+
+    best = load_checkpoint(run_dir / "best.pt")
+    predictor = Predictor(
+        create_model(best["arch"], len(data.class_names)),
+        class_names=data.class_names,
+        preprocess=preprocess,
+        device=device,
+    )
+    predictor.model.load_state_dict(best["model_state"])
+    val_idx, test_idx = data.subset("val"), data.subset("test")
+    val_logits = torch.cat([predictor.logits(data.images[val_idx[i : i + 64]]) for i in range(0, len(val_idx), 64)])
+    temperature = fit_temperature(val_logits, torch.from_numpy(data.targets[val_idx]))
+    predictor.temperature = temperature
+    probs = predictor.predict_proba(data.images[test_idx])
+    protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}
+    metrics = compute_metrics(data.targets[test_idx], probs, data.class_names, protocol=protocol)
+    metrics["best_epoch"] = best_epoch
+    metrics["train_seconds"] = round(train_seconds, 1)
+    write_json(run_dir / "metrics.json", metrics)
+    best["calibration"] = {"temperature": temperature, "method": "temperature scaling on the val split"}
+    best["metrics"] = metrics
+    save_checkpoint(best, run_dir / "best.pt")
+
+    plot_curves(history, run_dir / "curves.png")
+    plot_confusion_matrix(metrics["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png")
+    plot_examples(
+        data.images[test_idx], data.targets[test_idx], probs, data.class_names, run_dir / "examples.png", seed=0
+    )
+    info(
+        f"[bold green]Test[/] ({len(test_idx)} images): accuracy {metrics['accuracy']:.3f}, balanced accuracy "
+        f"{metrics['balanced_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, ROC-AUC "
+        f"{metrics['roc_auc'] if metrics['roc_auc'] is None else round(metrics['roc_auc'], 3)}",
+        quiet=quiet,
+    )
+    return RunResult(run_dir, run_dir / "best.pt", metrics, history)
+
+
+def _describe_data(data: PreparedData) -> str:
+    p = data.protocol
+    n = p["n_images"]
+    return (
+        f"{p['dataset']} ({p['layout']}): {len(data.targets)} images, classes {', '.join(data.class_names)}; "
+        f"train {n['train']} / val {n['val']} / test {n['test']} — {p['split_method']}; grouping: {p['grouping']}"
+    )

@@ -1,0 +1,103 @@
+"""Layouts are detected automatically; every file is decoded once, and unusable ones are reported."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brainscan.data.ingest import load_images, scan_dataset
+from brainscan.errors import BrainscanError
+
+from .conftest import write_class_folders
+
+
+def test_class_folders_are_detected(yes_no_folder: Path) -> None:
+    ds = scan_dataset(yes_no_folder)
+    assert ds.layout == "class-folders"
+    assert ds.class_names == ["no", "yes"]
+    assert len(ds.records) == 80 and all(r.split is None for r in ds.records)
+
+
+@pytest.mark.parametrize(
+    ("folders", "expected"),
+    [
+        pytest.param(("Training", "Testing"), {"train", "test"}, id="Training-Testing"),
+        pytest.param(("train", "val", "test"), {"train", "val", "test"}, id="train-val-test"),
+        pytest.param(("TRAIN", "Validation", "TEST"), {"train", "val", "test"}, id="any-case"),
+    ],
+)
+def test_split_folders_are_detected_in_any_case(tmp_path: Path, folders: tuple[str, ...], expected: set[str]) -> None:
+    for folder in folders:
+        write_class_folders(tmp_path / folder, {"glioma": 2, "notumor": 2})
+    ds = scan_dataset(tmp_path)
+    assert ds.layout == "split-folders"
+    assert {r.split for r in ds.records} == expected
+    assert ds.class_names == ["glioma", "notumor"]
+
+
+def test_index_csv_with_group_and_split_columns(tmp_path: Path) -> None:
+    write_class_folders(tmp_path / "images", {"a": 3, "b": 3})
+    with (tmp_path / "meta.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient", "split"])
+        for i, p in enumerate(sorted((tmp_path / "images").rglob("*.png"))):
+            w.writerow(
+                [p.relative_to(tmp_path).as_posix(), p.parent.name, f"p{i // 2}", "Training" if i < 4 else "test"]
+            )
+    ds = scan_dataset(tmp_path, index=tmp_path / "meta.csv", group_column="patient")
+    assert ds.layout == "index"
+    assert [r.group for r in ds.records][:2] == ["p0", "p0"]
+    assert {r.split for r in ds.records} == {"train", "test"}
+
+
+def test_index_csv_in_the_data_folder_is_used_automatically(tmp_path: Path) -> None:
+    write_class_folders(tmp_path / "images", {"a": 2, "b": 2})
+    rows = [(p.relative_to(tmp_path).as_posix(), p.parent.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / "index.csv").write_text("path,label\n" + "\n".join(f"{p},{lab}" for p, lab in rows) + "\n")
+    assert scan_dataset(tmp_path).layout == "index"
+
+
+def test_index_errors_name_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "i.csv").write_text("file,label\nx.png,a\n")
+    with pytest.raises(BrainscanError, match="missing column 'path'"):
+        scan_dataset(index=tmp_path / "i.csv")
+    (tmp_path / "j.csv").write_text("path,label\nx.png,a\n")
+    with pytest.raises(BrainscanError, match="no group column 'cv_fold'"):
+        scan_dataset(index=tmp_path / "j.csv", group_column="cv_fold")
+
+
+def test_non_image_files_are_listed_not_loaded(yes_no_folder: Path) -> None:
+    (yes_no_folder / "yes" / "readme.txt").write_text("notes")
+    ds = scan_dataset(yes_no_folder)
+    assert ("yes/readme.txt", "not an image file (.txt)") in ds.skipped
+    assert all(not r.path.endswith(".txt") for r in ds.records)
+
+
+def test_load_images_skips_bad_files_with_reasons_and_keeps_order(yes_no_folder: Path) -> None:
+    (yes_no_folder / "yes" / "empty.png").write_bytes(b"")
+    (yes_no_folder / "no" / "fake.jpg").write_text("not a jpeg")
+    paths = sorted(yes_no_folder.rglob("*.*"))
+    table = load_images(paths, image_size=32)
+    reasons = dict(table.skipped)
+    assert "empty file" in reasons[str(yes_no_folder / "yes" / "empty.png")]
+    assert "not an image" in reasons[str(yes_no_folder / "no" / "fake.jpg")]
+    assert table.images.shape == (80, 32, 32) and table.images.dtype == np.uint8
+    assert [paths[i] for i in table.kept] == [p for p in paths if p.name not in ("empty.png", "fake.jpg")]
+
+
+def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((40, 40), 50, np.uint8)).save(image)
+    cache = tmp_path / "cache"
+    first = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
+    assert len(list(cache.glob("*.npy"))) == 1
+    again = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
+    np.testing.assert_array_equal(first.images, again.images)
+    Image.fromarray(np.full((40, 40), 200, np.uint8)).save(image)  # same name, new content
+    changed = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
+    assert changed.images.mean() == pytest.approx(200, abs=1)
+    assert len(list(cache.glob("*.npy"))) == 2

@@ -1,0 +1,148 @@
+"""Training writes a self-describing run directory, reproduces with a seed, resumes, and never dies on bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainscan import DataConfig, ModelConfig, Predictor, RunConfig, TrainConfig, evaluate, train
+from brainscan.errors import BrainscanError
+
+
+def tiny_config(data: Path, out: Path, **train_kwargs) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(root=str(data), image_size=32),
+        out=str(out),
+        model=ModelConfig(name="cnn"),
+        train=TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, **train_kwargs}),
+        quiet=True,
+    )
+
+
+def test_run_directory_holds_everything_a_reader_needs(yes_no_folder: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(yes_no_folder, tmp_path / "run"))
+    run = result.run_dir
+    for name in (
+        "config.yaml",
+        "split.csv",
+        "history.csv",
+        "best.pt",
+        "last.pt",
+        "metrics.json",
+        "curves.png",
+        "confusion_matrix.png",
+        "examples.png",
+    ):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*.tmp")), "no temporary checkpoint files left behind"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "roc_auc",
+        "per_class",
+        "confusion_matrix",
+        "class_names",
+        "protocol",
+        "sensitivity",
+        "specificity",
+    ):
+        assert key in metrics
+    assert metrics["protocol"]["split"] == "test"
+    assert metrics["positive_class"] == "yes"
+    with (run / "history.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert RunConfig.load(run / "config.yaml") == tiny_config(yes_no_folder, tmp_path / "run")
+
+
+def test_checkpoint_loads_with_weights_only_and_carries_what_predict_needs(yes_no_folder: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(yes_no_folder, tmp_path / "run"))
+    ckpt = torch.load(result.best_checkpoint, weights_only=True)
+    assert ckpt["arch"] == "cnn" and ckpt["class_names"] == ["no", "yes"]
+    assert ckpt["preprocess"]["image_size"] == 32 and len(ckpt["preprocess"]["mean"]) == 3
+    assert ckpt["calibration"]["temperature"] > 0
+    assert ckpt["metrics"]["accuracy"] == result.metrics["accuracy"]
+    assert set(ckpt["versions"]) >= {"torch", "torchvision", "brainscan"}
+    assert RunConfig.from_dict(ckpt["config"]).model.name == "cnn"
+
+
+def test_same_seed_gives_the_same_metrics(yes_no_folder: Path, tmp_path: Path) -> None:
+    a = train(tiny_config(yes_no_folder, tmp_path / "a"))
+    b = train(tiny_config(yes_no_folder, tmp_path / "b"))
+    assert a.metrics["accuracy"] == b.metrics["accuracy"]
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert (tmp_path / "a" / "split.csv").read_text() == (tmp_path / "b" / "split.csv").read_text()
+
+
+def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(yes_no_folder: Path, tmp_path: Path) -> None:
+    straight = train(tiny_config(yes_no_folder, tmp_path / "straight", epochs=3))
+
+    def crash_after_first_epoch(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C or the machine went down
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(yes_no_folder, tmp_path / "resumed", epochs=3), on_epoch_end=crash_after_first_epoch)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = train(tiny_config(yes_no_folder, tmp_path / "resumed", epochs=3), resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in straight.history], rel=1e-4
+    )
+
+
+def test_an_existing_run_is_not_overwritten(yes_no_folder: Path, tmp_path: Path) -> None:
+    train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
+    with pytest.raises(BrainscanError, match="already holds a run"):
+        train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
+
+
+def test_corrupt_files_are_skipped_and_reported_or_fatal_when_strict(yes_no_folder: Path, tmp_path: Path) -> None:
+    (yes_no_folder / "yes" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (yes_no_folder / "no" / "empty.jpg").write_bytes(b"")
+    result = train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
+    assert result.metrics["protocol"]["skipped_files"] == 2
+    strict = tiny_config(yes_no_folder, tmp_path / "strict", epochs=1)
+    strict = replace(strict, data=replace(strict.data, strict=True))
+    with pytest.raises(BrainscanError, match=r"(?s)2 unusable file\(s\).*broken.png"):
+        train(strict)
+    assert not (tmp_path / "strict" / "last.pt").exists(), "strict mode fails before any training"
+
+
+@pytest.mark.parametrize(
+    "train_kwargs",
+    [
+        pytest.param({"balance": "sampler", "schedule": "onecycle", "optimizer": "adam"}, id="sampler-onecycle-adam"),
+        pytest.param(
+            {"balance": "none", "schedule": "plateau", "label_smoothing": 0.1, "monitor": "val_loss"},
+            id="plateau-smoothing",
+        ),
+        pytest.param({"patience": 1, "epochs": 4, "lr": 1e-7}, id="early-stopping"),
+    ],
+)
+def test_training_options_run_end_to_end(yes_no_folder: Path, tmp_path: Path, train_kwargs: dict) -> None:
+    result = train(tiny_config(yes_no_folder, tmp_path / "run", **train_kwargs))
+    assert 0 <= result.metrics["accuracy"] <= 1
+    if "patience" in train_kwargs:
+        assert len(result.history) < 4
+
+
+def test_evaluate_reuses_the_recorded_split_and_agrees_with_predict(yes_no_folder: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(yes_no_folder, tmp_path / "run", epochs=3))
+    metrics = evaluate(result.best_checkpoint, quiet=True)
+    assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert metrics["protocol"]["n_evaluated"] == result.metrics["protocol"]["n_evaluated"]
+    predictor = Predictor.from_checkpoint(result.best_checkpoint)
+    with (result.run_dir / "split.csv").open() as f:
+        test_rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    predicted = [predictor.predict(yes_no_folder / r["path"]).label for r in test_rows]
+    accuracy = np.mean([p == r["label"] for p, r in zip(predicted, test_rows, strict=True)])
+    assert accuracy == pytest.approx(metrics["accuracy"])
+    assert (result.run_dir / "evaluate-test.json").is_file()
