@@ -71,3 +71,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     ckpt.setdefault("calibration", {"temperature": 1.0})
     return ckpt
+
+
+def data_root(ckpt: dict[str, Any]) -> Path | None:
+    """The folder the checkpoint's ``split.csv`` paths are relative to (its training data), if recorded."""
+    data = ckpt.get("config", {}).get("data", {})
+    if data.get("root"):
+        return Path(data["root"])
+    return Path(data["index"]).parent if data.get("index") else None

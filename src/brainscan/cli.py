@@ -75,6 +75,12 @@ def train(
     schedule: Annotated[str, typer.Option(help="cosine, onecycle, plateau or none.")] = "cosine",
     freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")] = 1,
     label_smoothing: Annotated[float, typer.Option()] = 0.0,
+    low_res: Annotated[int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")] = 160,
+    full_res_epochs: Annotated[int, typer.Option(help="Final epochs at --image-size.")] = 2,
+    no_feature_cache: Annotated[
+        bool,
+        typer.Option("--no-feature-cache", help="Head-only epochs run the whole network instead of cached features."),
+    ] = False,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = 0,
     monitor: Annotated[
         str, typer.Option(help="val_balanced_accuracy, val_accuracy, val_macro_f1 or val_loss.")
@@ -124,6 +130,9 @@ def train(
             schedule=schedule,
             freeze_epochs=freeze_epochs,
             label_smoothing=label_smoothing,
+            low_res=low_res,
+            full_res_epochs=full_res_epochs,
+            cache_head_features=not no_feature_cache,
             patience=patience,
             monitor=monitor,
             balance=balance,
@@ -183,6 +192,9 @@ def predict(
         bool, typer.Option("--json", help="One JSON object per input: path, label, probabilities.")
     ] = False,
     batch_size: Annotated[int, typer.Option()] = 32,
+    backend: Annotated[
+        str, typer.Option(help="auto (ONNX Runtime when best.onnx sits beside it), torch, onnxruntime.")
+    ] = "auto",
     device: Device = "auto",
 ) -> None:
     """Classify images with a trained checkpoint. Unreadable files are reported and skipped (exit code 1)."""
@@ -197,7 +209,7 @@ def predict(
             files.append(path)
     if not files:
         raise BrainscanError("No image files given.")
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend=backend)
     failures = 0
     table = Table("path", "label", "confidence", *predictor.class_names)
     for file in files:
@@ -220,6 +232,20 @@ def predict(
         out_console.print(table)
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def export(
+    checkpoint: Checkpoint,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default: beside the checkpoint).")] = None,
+) -> None:
+    """Export a checkpoint; outputs are checked against PyTorch (max abs difference <= 1e-4) on its test images."""
+    from .export import export_model, reference_slices
+
+    path = export_model(checkpoint, fmt=fmt, out=out, check_slices=reference_slices(checkpoint))
+    out_console.print(f"Exported {fmt} to {path} (metadata: {path.with_suffix('.json')})")
 
 
 @app.command()
@@ -250,6 +276,91 @@ def list_architectures() -> None:
         spec = get_spec(name)
         table.add_row(name, spec.weights_enum or "none (from scratch)", ", ".join(spec.cam_layers))
     out_console.print(table)
+
+
+@app.command()
+@friendly_errors
+def explain(
+    paths: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")],
+    checkpoint: Checkpoint,
+    out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (one per input).")] = Path("cams"),
+    method: Annotated[
+        str, typer.Option(help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ... (default: layercam).")
+    ] = "",
+    target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted class).")] = None,
+    device: Device = "auto",
+) -> None:
+    """Class activation maps (Grad-CAM family) over each input slice, written as PNG overlays."""
+    from .data.readers import ImageReadError, is_supported
+    from .explain import DEFAULT_METHOD, METHODS, save_overlay
+    from .explain import explain as run_explain
+    from .predict import Predictor
+
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise BrainscanError(f"Unknown CAM method {method!r}; choose one of: {', '.join(METHODS)}.")
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+        else:
+            files.append(path)
+    if not files:
+        raise BrainscanError("No image files given.")
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    table = Table("input", "label", "probability", "explained", "overlay", title=f"{method} maps")
+    failures, used = 0, set()
+    for file in files:
+        try:
+            explanation = run_explain(predictor, file, method=method, target=target)
+        except ImageReadError as exc:
+            failures += 1
+            err_console.print(f"[bold red]skipped[/] {exc}", highlight=False)
+            continue
+        name, n = f"{file.stem}-{method}.png", 1
+        while name in used:  # same file name in two folders
+            n += 1
+            name = f"{file.stem}-{method}-{n}.png"
+        used.add(name)
+        written = save_overlay(explanation, out / name)
+        table.add_row(file.name, explanation.label, f"{explanation.probability:.3f}", explanation.target, written.name)
+    out_console.print(table)
+    out_console.print(f"Overlays written to {out}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `brainscan train`.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default: report.html in the run directory).")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    device: Device = "auto",
+) -> None:
+    """Write a self-contained HTML report of a run (and its numbers as JSON beside it)."""
+    from .report import write_report
+
+    path = write_report(run_dir, out, device=device, n_resamples=resamples)
+    out_console.print(f"Report written to {path} (numbers: {path.with_suffix('.json')})")
+
+
+@app.command()
+@friendly_errors
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("compare.html"),
+    allow_mismatch: Annotated[
+        bool, typer.Option("--allow-mismatch", help="Compare runs evaluated under different protocols (warned).")
+    ] = False,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    device: Device = "auto",
+) -> None:
+    """Compare runs side by side: metrics with confidence intervals, size, compute, speed, training time."""
+    from .report import compare_runs
+
+    path = compare_runs(run_dirs, out, allow_mismatch=allow_mismatch, device=device, n_resamples=resamples)
+    out_console.print(f"Comparison written to {path} (numbers: {path.with_suffix('.json')})")
 
 
 def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:

@@ -71,6 +71,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     schedule: str = "cosine"
     freeze_epochs: int = 1  # head-only epochs before the backbone is unfrozen (pretrained models only)
+    cache_head_features: bool = True  # head-only epochs train on backbone features computed once: ~5x cheaper
+    low_res: int = 160  # progressive resizing: unfrozen epochs before the last full_res_epochs run at this size
+    full_res_epochs: int = 2  # final epochs at image_size, so the model ends adapted to the resolution it serves
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping after this many epochs without improvement (0: off)
     monitor: str = "val_balanced_accuracy"  # selects best.pt; balanced accuracy is robust to class imbalance
@@ -90,6 +93,8 @@ class TrainConfig:
         _check(self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}.")
         _check(0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1).")
         _check(self.freeze_epochs >= 0 and self.patience >= 0, "freeze_epochs and patience must be >= 0.")
+        _check(self.low_res == 0 or self.low_res >= 32, "low_res must be 0 (off) or at least 32 px.")
+        _check(self.full_res_epochs >= 1, "full_res_epochs must be at least 1.")
 
 
 @dataclass(frozen=True)

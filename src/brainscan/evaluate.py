@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import data_root, load_checkpoint
 from .console import info, progress
 from .data.ingest import load_images, scan_dataset
 from .data.prepare import describe_skipped
@@ -45,8 +45,7 @@ def evaluate(
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    train_data = ckpt.get("config", {}).get("data", {})
-    train_root = train_data.get("root") or (Path(train_data["index"]).parent if train_data.get("index") else None)
+    train_root = data_root(ckpt)
     split_file = checkpoint.parent / "split.csv"
     protocol: dict[str, Any] = dict(ckpt.get("data", {}))
 

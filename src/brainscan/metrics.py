@@ -97,5 +97,5 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: in
         return loss
 
     optimizer.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     return t if np.isfinite(t) and 0.05 < t < 20 else 1.0

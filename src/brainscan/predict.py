@@ -1,11 +1,13 @@
-"""Prediction from a checkpoint: preprocessing, calibration and class names all come from the checkpoint."""
+"""Prediction: preprocessing, calibration and class names come from the checkpoint; backends (PyTorch,
+ONNX Runtime, TorchScript) differ only in the forward call."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -13,10 +15,13 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .data.readers import pil_to_gray, read_image, to_uint8
-from .data.transforms import Preprocess, prepare_slice, to_model_input, tta_views
+from .data.readers import optional_import, pil_to_gray, read_image, to_uint8
+from .data.transforms import Preprocess, prepare_slice, to_model_input
 from .errors import BrainscanError
+from .hardware import available_cpus
 from .models import create_model
+
+BACKENDS = ("auto", "torch", "onnxruntime", "torchscript")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -25,6 +30,56 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BrainscanError(f"device {device!r} requested but CUDA is not available.")
     return torch.device(device)
+
+
+class Backend(Protocol):
+    name: str
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        """Prepared ``uint8`` slices N×S×S → float32 logits N×C."""
+        ...
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device) -> None:
+        self.device = device
+        self.model = model.to(device).to(memory_format=torch.channels_last).eval()
+        self.preprocess = preprocess
+
+    @torch.inference_mode()
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(slices).unsqueeze(1).to(self.device, non_blocking=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(to_model_input(batch, self.preprocess))
+        return logits.float().cpu().numpy()
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        ort = optional_import("onnxruntime", "onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cpus()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: slices[:, None].astype(np.float32)})[0]
+
+
+class TorchScriptBackend:
+    name = "torchscript"
+
+    def __init__(self, path: str | Path) -> None:
+        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    @torch.inference_mode()
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        return self.module(torch.from_numpy(slices).unsqueeze(1).float()).numpy()
 
 
 @dataclass(frozen=True)
@@ -58,31 +113,89 @@ class Predictor:
 
     def __init__(
         self,
-        model: nn.Module,
+        backend: Backend | nn.Module,
         *,
         class_names: list[str],
         preprocess: Preprocess,
         temperature: float = 1.0,
+        arch: str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        if isinstance(backend, nn.Module):
+            backend = TorchBackend(backend, preprocess, torch.device(device))
+        self.backend = backend
         self.class_names = list(class_names)
         self.preprocess = preprocess
         self.temperature = float(temperature)
+        self.arch = arch
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The PyTorch model (torch backend only; Grad-CAM needs it)."""
+        return getattr(self.backend, "model", None)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "auto") -> Predictor:
-        """Rebuild the model from a brainscan checkpoint (loaded with ``weights_only=True``)."""
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        backend: str = "torch",
+        model_path: str | Path | None = None,
+    ) -> Predictor:
+        """Rebuild a predictor from a brainscan checkpoint (loaded with ``weights_only=True``).
+
+        Args:
+            path: the checkpoint.
+            device: ``auto``, ``cpu`` or ``cuda`` (torch backend).
+            backend: ``torch``, ``onnxruntime``, ``torchscript``, or ``auto`` (ONNX Runtime when an exported
+                ``<checkpoint>.onnx`` sits beside the checkpoint and onnxruntime is installed, else torch).
+            model_path: the exported model for the onnxruntime/torchscript backends (default: beside the checkpoint).
+        """
+        from .export import exported_path
+
+        if backend not in BACKENDS:
+            raise BrainscanError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
         ckpt = load_checkpoint(path)
-        model = create_model(ckpt["arch"], len(ckpt["class_names"]))
-        model.load_state_dict(ckpt["model_state"])
+        preprocess = Preprocess.from_dict(ckpt["preprocess"])
+        if backend == "auto":
+            has_onnx = exported_path(path, "onnx").is_file()
+            backend = "onnxruntime" if has_onnx and _has_module("onnxruntime") else "torch"
+        if backend == "torch":
+            model = create_model(ckpt["arch"], len(ckpt["class_names"]))
+            model.load_state_dict(ckpt["model_state"])
+            runner: Backend = TorchBackend(model, preprocess, resolve_device(device))
+        else:
+            fmt = "onnx" if backend == "onnxruntime" else "torchscript"
+            exported = Path(model_path) if model_path else exported_path(path, fmt)
+            if not exported.is_file():
+                raise BrainscanError(
+                    f"{exported}: no exported model; run `brainscan export --checkpoint {path} --format {fmt}`."
+                )
+            runner = OnnxRuntimeBackend(exported) if fmt == "onnx" else TorchScriptBackend(exported)
         return cls(
-            model,
+            runner,
             class_names=ckpt["class_names"],
-            preprocess=Preprocess.from_dict(ckpt["preprocess"]),
+            preprocess=preprocess,
             temperature=float(ckpt["calibration"].get("temperature", 1.0)),
-            device=resolve_device(device),
+            arch=ckpt["arch"],
+        )
+
+    @classmethod
+    def from_exported(cls, path: str | Path) -> Predictor:
+        """A predictor from an exported ONNX model and its metadata JSON alone (no checkpoint, no torch model)."""
+        path = Path(path)
+        meta_path = path.with_suffix(".json")
+        if not meta_path.is_file():
+            raise BrainscanError(f"{meta_path}: metadata missing beside the exported model.")
+        meta = json.loads(meta_path.read_text())
+        runner = OnnxRuntimeBackend(path) if path.suffix == ".onnx" else TorchScriptBackend(path)
+        return cls(
+            runner,
+            class_names=meta["class_names"],
+            preprocess=Preprocess.from_dict(meta["preprocess"]),
+            temperature=float(meta["calibration"].get("temperature", 1.0)),
+            arch=meta["arch"],
         )
 
     def prepare(self, image: ImageLike) -> np.ndarray:
@@ -98,25 +211,25 @@ class Predictor:
             raise BrainscanError(f"Cannot predict on a {type(image).__name__}; pass a path, PIL image or array.")
         return prepare_slice(gray, self.preprocess.image_size, crop_background=self.preprocess.crop_background)
 
-    @torch.inference_mode()
-    def logits(self, slices: np.ndarray, *, tta: bool = False) -> torch.Tensor:
-        """Uncalibrated logits for prepared ``uint8`` slices (N×S×S)."""
-        batch = torch.from_numpy(np.ascontiguousarray(slices)).unsqueeze(1).to(self.device)
-        views = tta_views(batch) if tta else [batch]
-        outs = [self.model(to_model_input(v, self.preprocess)).float() for v in views]
-        if len(outs) == 1:
-            return outs[0].cpu()
-        # average probabilities over views, returned as log-probabilities so temperature scaling still applies
-        probs = torch.stack([o.softmax(1) for o in outs]).mean(0)
-        return probs.clamp_min(1e-12).log().cpu()
-
-    def predict_proba(self, slices: np.ndarray, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-        """Calibrated class probabilities (N×C) for prepared slices, computed in batches."""
+    def raw_logits(self, slices: np.ndarray, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        """Uncalibrated logits (N×C) for prepared ``uint8`` slices, computed in batches; with ``tta`` the log of
+        the mean probability over the flipped views, so temperature scaling still applies."""
         chunks = [
-            (self.logits(slices[i : i + batch_size], tta=tta) / self.temperature).softmax(1).numpy()
+            self._batch_logits(np.ascontiguousarray(slices[i : i + batch_size]), tta)
             for i in range(0, len(slices), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)), np.float32)
+
+    def _batch_logits(self, slices: np.ndarray, tta: bool) -> np.ndarray:
+        if not tta:
+            return self.backend(slices)
+        views = [slices, slices[..., ::-1], slices[:, ::-1, :], slices[:, ::-1, ::-1]]
+        probs = np.mean([_softmax(self.backend(np.ascontiguousarray(v))) for v in views], axis=0)
+        return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
+
+    def predict_proba(self, slices: np.ndarray, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+        """Calibrated class probabilities (N×C) for prepared slices."""
+        return _softmax(self.raw_logits(slices, tta=tta, batch_size=batch_size) / self.temperature)
 
     def _result(self, path: str | None, probs: np.ndarray) -> Prediction:
         index = int(np.argmax(probs))
@@ -149,3 +262,15 @@ class Predictor:
         probs = self.predict_proba(np.stack([s for _, s in pending]), tta=tta)
         for (path, _), p in zip(pending, probs, strict=True):
             yield self._result(path, p)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

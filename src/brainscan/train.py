@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
@@ -25,6 +26,8 @@ from .data.prepare import PreparedData, prepare_data
 from .data.splits import write_split_file
 from .data.transforms import Preprocess, to_model_input, train_augmentation
 from .errors import BrainscanError
+from .hardware import set_torch_threads
+from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
 from .metrics import compute_metrics, fit_temperature
 from .models import ModelSpec, backbone_parameters, create_model, get_spec, head_parameters, set_backbone_frozen
 from .predict import Predictor, resolve_device
@@ -92,12 +95,13 @@ def run_epoch(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     frozen_spec: ModelSpec | None = None,
+    input_size: int | None = None,
     on_batch: Any = None,
 ) -> EpochOutput:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates without gradients.
 
     ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
-    statistics fixed during head-only epochs.
+    statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing).
     """
     training = optimizer is not None
     model.train(training)
@@ -109,8 +113,12 @@ def run_epoch(
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            x = to_model_input(images, preprocess)
+            if input_size is not None and input_size != x.shape[-1]:
+                x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(to_model_input(images, preprocess))
+                logits = model(x)
                 loss = criterion(logits.float(), targets)
             if training:
                 optimizer.zero_grad(set_to_none=True)
@@ -130,14 +138,6 @@ def run_epoch(
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - third-party code may draw from numpy's global RNG
-
-
-def _set_threads(threads: int | None) -> None:
-    wanted = threads or max(
-        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
 
 
 def _build_optimizer(model: nn.Module, spec: ModelSpec, config: RunConfig, pretrained: bool) -> torch.optim.Optimizer:
@@ -163,6 +163,14 @@ def _build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_
         mode = "min" if t.monitor == "val_loss" else "max"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.3, patience=1)
     return None
+
+
+def epoch_image_size(epoch: int, config: RunConfig) -> int:
+    """Progressive resizing: ``low_res`` until the last ``full_res_epochs`` epochs, then ``image_size``."""
+    t, full = config.train, config.data.image_size
+    if t.low_res <= 0 or t.low_res >= full or epoch > t.epochs - t.full_res_epochs:
+        return full
+    return t.low_res
 
 
 def _class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -220,7 +228,7 @@ def train(
     quiet = config.quiet
     t = config.train
     _seed_everything(t.seed)
-    _set_threads(t.threads)
+    set_torch_threads(t.threads)
     device = resolve_device(t.device)
     spec = get_spec(config.model.name)
 
@@ -239,10 +247,12 @@ def train(
     train_set = SliceDataset(
         data.images[train_idx], data.targets[train_idx], train_augmentation() if t.augment else None
     )
-    sampler = None
+    sampler, sample_weights = None, None
     if t.balance == "sampler":
-        weights = _class_weights(data.targets[train_idx], len(data.class_names))[data.targets[train_idx]]
-        sampler = WeightedRandomSampler(weights.double(), len(train_idx), replacement=True, generator=generator)
+        sample_weights = _class_weights(data.targets[train_idx], len(data.class_names))[
+            data.targets[train_idx]
+        ].double()
+        sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=generator)
     pin = device.type == "cuda"
     train_loader = DataLoader(
         train_set,
@@ -290,29 +300,58 @@ def train(
     }
     sign = -1.0 if t.monitor == "val_loss" else 1.0
     started = time.time()
+    head_inputs: torch.Tensor | None = None
     for epoch in range(start_epoch, t.epochs + 1):
         frozen = pretrained and epoch <= t.freeze_epochs
         set_backbone_frozen(model, spec, frozen)
         epoch_start = time.time()
-        with progress(
-            f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else ""), len(train_loader), quiet=quiet
-        ) as advance:
-            fit = run_epoch(
-                model,
-                train_loader,
-                preprocess=preprocess,
+        size = epoch_image_size(epoch, config)
+        label = f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else f" ({size} px)")
+        if frozen and t.cache_head_features:
+            if head_inputs is None:
+                with progress("Backbone features (once)", 1, quiet=quiet) as advance:
+                    head_inputs = extract_head_inputs(
+                        model, spec, data.images[train_idx], preprocess=preprocess, device=device
+                    )
+                    advance(1)
+            batches = head_epoch_order(
+                len(train_idx),
+                batch_size=t.batch_size,
+                drop_last=train_loader.drop_last,
+                generator=generator,
+                weights=sample_weights,
+            )
+            loss, logits, seen = fit_head_epoch(
+                model.get_submodule(spec.classifier),
+                head_inputs,
+                train_set.targets,
+                batches,
                 criterion=criterion,
-                device=device,
                 optimizer=optimizer,
                 scheduler=scheduler if per_step else None,
-                frozen_spec=spec if frozen else None,
-                on_batch=advance,
+                dropout=dropout_rate(model, spec),
+                device=device,
             )
+            fit = EpochOutput(loss, logits, seen)
+        else:
+            with progress(label, len(train_loader), quiet=quiet) as advance:
+                fit = run_epoch(
+                    model,
+                    train_loader,
+                    preprocess=preprocess,
+                    criterion=criterion,
+                    device=device,
+                    optimizer=optimizer,
+                    scheduler=scheduler if per_step else None,
+                    frozen_spec=spec if frozen else None,
+                    input_size=size,
+                    on_batch=advance,
+                )
         val = run_epoch(model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device)
         val_metrics = compute_metrics(val.targets.numpy(), val.logits.softmax(1).numpy(), data.class_names, protocol={})
         row = {
             "epoch": epoch,
-            "stage": "head" if frozen else "full",
+            "stage": "head" if frozen else f"full@{size}px",
             "train_loss": round(fit.loss, 5),
             "train_accuracy": round(fit.accuracy, 5),
             "val_loss": round(val.loss, 5),
@@ -375,16 +414,14 @@ def _finish(
     from .plots import plot_confusion_matrix, plot_curves, plot_examples
 
     best = load_checkpoint(run_dir / "best.pt")
-    predictor = Predictor(
-        create_model(best["arch"], len(data.class_names)),
-        class_names=data.class_names,
-        preprocess=preprocess,
-        device=device,
-    )
-    predictor.model.load_state_dict(best["model_state"])
+    model = create_model(best["arch"], len(data.class_names))
+    model.load_state_dict(best["model_state"])
+    predictor = Predictor(model, class_names=data.class_names, preprocess=preprocess, arch=best["arch"], device=device)
     val_idx, test_idx = data.subset("val"), data.subset("test")
-    val_logits = torch.cat([predictor.logits(data.images[val_idx[i : i + 64]]) for i in range(0, len(val_idx), 64)])
-    temperature = fit_temperature(val_logits, torch.from_numpy(data.targets[val_idx]))
+    val_logits = np.concatenate(
+        [predictor.raw_logits(data.images[val_idx[i : i + 64]]) for i in range(0, len(val_idx), 64)]
+    )
+    temperature = fit_temperature(torch.from_numpy(val_logits), torch.from_numpy(data.targets[val_idx]))
     predictor.temperature = temperature
     probs = predictor.predict_proba(data.images[test_idx])
     protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}

@@ -22,7 +22,8 @@ class Preprocess:
     channels: int = 3  # grayscale is repeated to the channels the backbone expects
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Builtins only (lists, not tuples), so a checkpoint and its exported JSON hold identical values."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
@@ -35,22 +36,36 @@ class Preprocess:
         )
 
 
-def crop_to_content(gray: np.ndarray, *, threshold_fraction: float = 0.1, margin: float = 0.02) -> np.ndarray:
-    """Crop the dark background around the head.
+def content_box(
+    gray: np.ndarray, *, threshold_fraction: float = 0.1, margin: float = 0.02
+) -> tuple[int, int, int, int] | None:
+    """The rows and columns :func:`crop_to_content` keeps, as ``(r0, r1, c0, c1)`` (end-exclusive).
 
-    Pixels brighter than ``threshold_fraction`` of the 99th percentile count as content; the crop keeps a small
-    margin. Images whose content fills almost nothing (blank or odd files) are returned unchanged.
+    None when the content fills almost nothing (blank or odd files), which are then not cropped.
     """
     level = float(np.percentile(gray, 99)) * threshold_fraction
     mask = gray > max(level, 5.0)
     if mask.mean() < 0.02:
-        return gray
+        return None
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     pad_r = int(margin * gray.shape[0])
     pad_c = int(margin * gray.shape[1])
     r0, r1 = max(rows[0] - pad_r, 0), min(rows[-1] + pad_r + 1, gray.shape[0])
     c0, c1 = max(cols[0] - pad_c, 0), min(cols[-1] + pad_c + 1, gray.shape[1])
+    return int(r0), int(r1), int(c0), int(c1)
+
+
+def crop_to_content(gray: np.ndarray, *, threshold_fraction: float = 0.1, margin: float = 0.02) -> np.ndarray:
+    """Crop the dark background around the head.
+
+    Pixels brighter than ``threshold_fraction`` of the 99th percentile count as content; the crop keeps a small
+    margin. Images whose content fills almost nothing (blank or odd files) are returned unchanged.
+    """
+    box = content_box(gray, threshold_fraction=threshold_fraction, margin=margin)
+    if box is None:
+        return gray
+    r0, r1, c0, c1 = box
     return gray[r0:r1, c0:c1]
 
 

@@ -1,0 +1,88 @@
+"""Patient-wise Figshare benchmark: fine-tune MobileNetV2 (shared ImageNet weights) on folds != K, test on fold K.
+
+    python benchmarks/figshare_fold.py --fold 1 [--epochs N] [--image-size S] [--out runs/figshare-fold1]
+
+Cheng's ``cv_fold`` keeps every patient's slices in one fold, so fold K is a patient-disjoint test set. The
+validation split (model selection, temperature scaling) is a stratified 15% of the training folds' slices.
+Prints the run's metrics and, as its last line, one JSON object: ``fold``, ``accuracy``, ``minutes`` and more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+FIGSHARE = REPO.parent / "shared" / "data" / "figshare-cheng"
+WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2-imagenet-int8-dequantized.pth"
+
+
+def fold_index(fold: int, folder: Path) -> Path:
+    """An index CSV whose split column holds fold ``fold`` out as the test split."""
+    with (FIGSHARE / "index.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if str(fold) not in {r["cv_fold"] for r in rows}:
+        sys.exit(f"fold {fold} is not one of Figshare's folds 1-5")
+    index = folder / f"figshare-fold{fold}.csv"
+    with index.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "cv_fold", "split"])
+        writer.writeheader()
+        for r in rows:
+            split = "test" if r["cv_fold"] == str(fold) else "train"
+            writer.writerow({"path": r["path"], "label": r["label"], "cv_fold": r["cv_fold"], "split": split})
+    return index
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fold", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--image-size", type=int, default=DataConfig.image_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/figshare-foldK)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if not FIGSHARE.is_dir() or not WEIGHTS.is_file():
+        sys.exit(f"needs {FIGSHARE} and {WEIGHTS} (../shared beside the checkout)")
+    out = args.out or REPO / "runs" / f"figshare-fold{args.fold}"
+    if out.exists():
+        shutil.rmtree(out)
+
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = RunConfig(
+            data=DataConfig(root=str(FIGSHARE), index=str(fold_index(args.fold, Path(tmp))), image_size=args.image_size),
+            out=str(out),
+            model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
+            train=TrainConfig(epochs=args.epochs, seed=args.seed),
+            quiet=args.quiet,
+        )
+        result = train(config)
+    minutes = (time.time() - started) / 60
+    m = result.metrics
+    print(json.dumps({k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "protocol")}, indent=2))
+    figures = {
+        "fold": args.fold,
+        "accuracy": round(m["accuracy"], 4),
+        "balanced_accuracy": round(m["balanced_accuracy"], 4),
+        "macro_f1": round(m["macro_f1"], 4),
+        "roc_auc": round(m["roc_auc"], 4),
+        "n_test": m["protocol"]["n_evaluated"],
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "minutes": round(minutes, 2),
+        "run_dir": str(out),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

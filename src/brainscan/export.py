@@ -1,0 +1,150 @@
+"""Export a checkpoint to ONNX or TorchScript, verified against PyTorch at export time.
+
+The exported graph takes prepared slices as ``float32`` N×1×S×S in 0..255 and returns logits: normalisation and
+channel expansion are inside the graph, so a runtime needs no torch. Class names, preprocessing and calibration
+are written beside it (``<name>.json``) and, for ONNX, also into the model's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import data_root, load_checkpoint
+from .data.ingest import load_images
+from .data.splits import read_split_file
+from .data.transforms import Preprocess
+from .errors import BrainscanError
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportWrapper(nn.Module):
+    """Raw slice (N×1×S×S, 0..255) → logits, with the checkpoint's normalisation baked in."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        self.channels = preprocess.channels
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(preprocess.std).view(1, -1, 1, 1)))
+        self.register_buffer(
+            "shift", torch.tensor(preprocess.mean).view(1, -1, 1, 1) / torch.tensor(preprocess.std).view(1, -1, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.expand(-1, self.channels, -1, -1)
+        return self.model(x * self.scale - self.shift)
+
+
+def exported_path(checkpoint: str | Path, fmt: str) -> Path:
+    """Where :func:`export_model` writes ``fmt`` for ``checkpoint`` by default (beside it, same stem)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + SUFFIX[fmt])
+
+
+def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "arch": ckpt["arch"],
+        "class_names": ckpt["class_names"],
+        "preprocess": ckpt["preprocess"],
+        "calibration": ckpt.get("calibration", {"temperature": 1.0}),
+        "input": "float32 N×1×S×S prepared slice in 0..255 (see brainscan.data.transforms.prepare_slice)",
+        "output": "logits N×C (divide by calibration.temperature before softmax)",
+    }
+
+
+def export_model(
+    checkpoint: str | Path,
+    *,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    check_slices: np.ndarray | None = None,
+) -> Path:
+    """Export ``checkpoint`` and verify the result reproduces PyTorch within 1e-4 on ``check_slices``.
+
+    Args:
+        checkpoint: a brainscan checkpoint.
+        fmt: ``onnx`` or ``torchscript``.
+        out: output file (default: beside the checkpoint, e.g. ``best.onnx``).
+        check_slices: prepared ``uint8`` slices (N×S×S) to compare on, ideally real images; default: the run's
+            test images when available, else seeded noise.
+
+    Raises:
+        BrainscanError: unknown format, or outputs that differ from PyTorch by more than 1e-4.
+    """
+    from .predict import Predictor
+
+    if fmt not in FORMATS:
+        raise BrainscanError(f"Unknown export format {fmt!r}; choose {' or '.join(FORMATS)}.")
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch")
+    wrapper = ExportWrapper(predictor.model, predictor.preprocess).eval()
+    size = predictor.preprocess.image_size
+    out = Path(out) if out else exported_path(checkpoint, fmt)
+    example = torch.zeros(2, 1, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
+        if fmt == "onnx":
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(out),
+                input_names=["slices"],
+                output_names=["logits"],
+                dynamic_axes={"slices": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+            _add_onnx_metadata(out, metadata(ckpt))
+        else:
+            traced = torch.jit.trace(wrapper, example)
+            torch.jit.save(traced, str(out), _extra_files={"brainscan.json": json.dumps(metadata(ckpt))})
+
+    if check_slices is None:
+        check_slices = np.random.default_rng(0).integers(0, 256, (4, size, size), dtype=np.uint8)
+    exported = Predictor.from_checkpoint(
+        checkpoint, device="cpu", backend="onnxruntime" if fmt == "onnx" else "torchscript", model_path=out
+    )
+    reference = predictor.raw_logits(check_slices)
+    candidate = exported.raw_logits(check_slices)
+    diff = float(np.abs(reference - candidate).max())
+    if diff > PARITY_TOLERANCE:
+        out.unlink()
+        raise BrainscanError(
+            f"Exported {fmt} logits differ from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE}); not written."
+        )
+    out.with_suffix(".json").write_text(json.dumps(metadata(ckpt), indent=2))
+    return out
+
+
+def _add_onnx_metadata(path: Path, meta: dict[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "brainscan", json.dumps(meta)
+    onnx.save(model, str(path))
+
+
+def reference_slices(checkpoint: str | Path, *, limit: int = 16) -> np.ndarray | None:
+    """Up to ``limit`` prepared real test images of the checkpoint's run, for parity checks; None if unavailable."""
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    root, split_file = data_root(ckpt), checkpoint.parent / "split.csv"
+    if root is None or not split_file.is_file():
+        return None
+    rows = [r for r in read_split_file(split_file) if r["split"] == "test"][:limit]
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    table = load_images(
+        [root / r["path"] for r in rows], image_size=pre.image_size, crop_background=pre.crop_background
+    )
+    return table.images if len(table.images) else None

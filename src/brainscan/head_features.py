@@ -1,0 +1,96 @@
+"""Fast head-only training: while the backbone is frozen its features do not change, so compute them once.
+
+A frozen epoch through the whole network costs a forward pass per image and epoch; here one forward pass (no
+augmentation, BatchNorm in eval mode) feeds every head-only epoch, and each of those costs only the linear head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.transforms import Preprocess, to_model_input
+from .models import ModelSpec
+
+
+@torch.inference_mode()
+def extract_head_inputs(
+    model: nn.Module,
+    spec: ModelSpec,
+    images: np.ndarray,
+    *,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """What the classifier layer receives for each image (N×F), captured with a forward pre-hook."""
+    captured: list[torch.Tensor] = []
+    head = model.get_submodule(spec.classifier)
+    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().float().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
+            model(to_model_input(batch, preprocess))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
+def dropout_rate(model: nn.Module, spec: ModelSpec) -> float:
+    """The dropout applied before the classifier, so head-only training on cached features regularises alike."""
+    if spec.dropout_module is None:
+        return 0.0
+    module = model.get_submodule(spec.dropout_module)
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def head_epoch_order(
+    n: int, *, batch_size: int, drop_last: bool, generator: torch.Generator, weights: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """Batches of indices: shuffled, or drawn with replacement by ``weights`` (the balanced sampler)."""
+    order = (
+        torch.multinomial(weights, n, replacement=True, generator=generator)
+        if weights is not None
+        else torch.randperm(n, generator=generator)
+    )
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def fit_head_epoch(
+    head: nn.Module,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    batches: list[torch.Tensor],
+    *,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: object | None,
+    dropout: float,
+    device: torch.device,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One head-only epoch on cached features; returns (mean loss, logits, targets) in visiting order."""
+    head.train()
+    total, seen_logits, seen_targets = 0.0, [], []
+    for idx in batches:
+        x = F.dropout(features[idx].to(device), p=dropout, training=True)
+        y = targets[idx].to(device)
+        logits = head(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * len(idx)
+        seen_logits.append(logits.detach().cpu())
+        seen_targets.append(y.cpu())
+    n = sum(len(i) for i in batches)
+    return total / max(n, 1), torch.cat(seen_logits), torch.cat(seen_targets)

@@ -1,0 +1,47 @@
+"""The fast training path changes cost, not results: cached head inputs equal the live ones, and progressive
+resizing ends at the served resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainscan import DataConfig, RunConfig, TrainConfig
+from brainscan.data.transforms import Preprocess, to_model_input
+from brainscan.head_features import extract_head_inputs, head_epoch_order
+from brainscan.models import create_model, get_spec
+from brainscan.train import epoch_image_size
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "cnn"])
+def test_cached_head_inputs_reproduce_the_model_output(name: str) -> None:
+    torch.manual_seed(0)
+    spec = get_spec(name)
+    model = create_model(name, 3).eval()
+    pre = Preprocess(48, spec.mean, spec.std)
+    images = np.random.default_rng(0).integers(0, 255, (5, 48, 48), dtype=np.uint8)
+    features = extract_head_inputs(model, spec, images, preprocess=pre, device=torch.device("cpu"), batch_size=2)
+    with torch.inference_mode():
+        expected = model(to_model_input(torch.from_numpy(images).unsqueeze(1), pre))
+        got = model.get_submodule(spec.classifier)(features)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not model.training or name == "cnn"
+
+
+def test_progressive_resizing_schedule_ends_at_full_resolution() -> None:
+    config = RunConfig(DataConfig(root=".", image_size=224), train=TrainConfig(epochs=6, low_res=160, full_res_epochs=2))
+    assert [epoch_image_size(e, config) for e in range(1, 7)] == [160, 160, 160, 160, 224, 224]
+    off = RunConfig(DataConfig(root=".", image_size=224), train=TrainConfig(epochs=6, low_res=0))
+    assert {epoch_image_size(e, off) for e in range(1, 7)} == {224}
+    small = RunConfig(DataConfig(root=".", image_size=128), train=TrainConfig(epochs=6, low_res=160))
+    assert {epoch_image_size(e, small) for e in range(1, 7)} == {128}
+
+
+def test_head_epoch_order_matches_the_loader_step_count() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = head_epoch_order(70, batch_size=32, drop_last=True, generator=g, weights=None)
+    assert [len(b) for b in batches] == [32, 32]
+    assert len(set(torch.cat(batches).tolist())) == 64
+    weighted = head_epoch_order(70, batch_size=32, drop_last=False, generator=g, weights=torch.ones(70).double())
+    assert [len(b) for b in weighted] == [32, 32, 6]
