@@ -42,7 +42,7 @@ def test_train_evaluate_predict_from_the_command_line(trained_run: Path, yes_no_
     lines = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert [d["path"] for d in lines] == images
     for d in lines:
-        assert set(d) == {"path", "label", "probabilities"}
+        assert set(d) == {"path", "label", "probabilities", "decision"}  # binary runs carry a tumour decision
         assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 

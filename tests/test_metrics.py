@@ -46,3 +46,13 @@ def test_temperature_scaling_lowers_nll_of_an_over_confident_model() -> None:
     nll = torch.nn.functional.cross_entropy
     assert t > 2.0
     assert nll(logits / t, targets) < nll(logits, targets)
+
+
+def test_deleaked_metrics_drop_images_whose_group_was_seen_in_training() -> None:
+    from brainscan.metrics import deleaked_metrics
+
+    targets = np.array([0, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7]])
+    out = deleaked_metrics(targets, probs, ["no", "yes"], groups=["a", "b", "leak", "c"], seen_groups={"leak", "z"})
+    assert out["protocol"]["removed"] == 1 and out["accuracy"] == 1.0
+    assert deleaked_metrics(targets, probs, ["no", "yes"], groups=["a", "b", "c", "d"], seen_groups={"z"}) is None

@@ -146,3 +146,31 @@ def test_evaluate_reuses_the_recorded_split_and_agrees_with_predict(yes_no_folde
     accuracy = np.mean([p == r["label"] for p, r in zip(predicted, test_rows, strict=True)])
     assert accuracy == pytest.approx(metrics["accuracy"])
     assert (result.run_dir / "evaluate-test.json").is_file()
+
+
+def test_operating_point_is_chosen_on_val_stored_and_used_by_predict(yes_no_folder: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(yes_no_folder, tmp_path / "run", epochs=2, target_sensitivity=0.95))
+    op = result.metrics["operating_point"]
+    assert op["negative_class"] == "no" and op["method"] == "sensitivity >= 0.95 on val"
+    assert op["val_sensitivity"] >= 0.95
+    ckpt = torch.load(result.best_checkpoint, weights_only=True)
+    assert ckpt["operating_point"]["threshold"] == op["threshold"]
+    prediction = Predictor.from_checkpoint(result.best_checkpoint).predict(next((yes_no_folder / "yes").glob("*.png")))
+    decision = prediction.to_dict()["decision"]
+    assert decision["threshold"] == op["threshold"]
+    assert decision["tumour"] == (decision["tumour_probability"] >= op["threshold"])
+    assert decision["tumour_probability"] == pytest.approx(prediction.probabilities["yes"])
+
+
+def test_predefined_split_with_a_copy_across_it_reports_raw_and_deleaked(tmp_path: Path) -> None:
+    from .conftest import write_class_folders
+
+    write_class_folders(tmp_path / "data" / "Training", {"yes": 20, "no": 20}, seed=1)
+    write_class_folders(tmp_path / "data" / "Testing", {"yes": 8, "no": 8}, seed=2)
+    leaked = tmp_path / "data" / "Training" / "yes" / "yes_000.png"
+    (tmp_path / "data" / "Testing" / "yes" / "copy_of_train.png").write_bytes(leaked.read_bytes())
+    result = train(tiny_config(tmp_path / "data", tmp_path / "run", epochs=1))
+    assert result.metrics["protocol"]["groups_straddling_splits"] == 1
+    assert result.metrics["deleaked"]["protocol"]["removed"] == 1
+    assert result.metrics["deleaked"]["protocol"]["n_evaluated"] == result.metrics["protocol"]["n_evaluated"] - 1
+    assert evaluate(result.best_checkpoint, quiet=True)["deleaked"]["protocol"]["removed"] == 1

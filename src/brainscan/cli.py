@@ -86,6 +86,9 @@ def train(
         str, typer.Option(help="val_balanced_accuracy, val_accuracy, val_macro_f1 or val_loss.")
     ] = "val_balanced_accuracy",
     balance: Annotated[str, typer.Option(help="Class imbalance: none, sampler or loss.")] = "loss",
+    target_sensitivity: Annotated[
+        float | None, typer.Option(help="Tumour threshold reaching this val sensitivity (default: Youden's J).")
+    ] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch off train-time augmentation.")] = False,
     no_crop: Annotated[
         bool, typer.Option("--no-crop", help="Keep the black background instead of cropping to the head.")
@@ -136,6 +139,7 @@ def train(
             patience=patience,
             monitor=monitor,
             balance=balance,
+            target_sensitivity=target_sensitivity,
             augment=not no_augment,
             seed=seed,
             device=device,
@@ -145,6 +149,62 @@ def train(
     result = run_train(config, resume=resume)
     _print_metrics(result.metrics, quiet=quiet)
     out_console.print(f"Run directory: {result.run_dir}")
+
+
+@app.command()
+@friendly_errors
+def cv(
+    data: Annotated[Path | None, typer.Option(help="Image folder (any layout) or an index's base.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the fold runs and cv_metrics.json.")] = Path("runs/cv"),
+    index: Index = None,
+    group_column: GroupColumn = None,
+    folds: Annotated[
+        int, typer.Option(help="Number of folds (a group column with this many values is used as is).")
+    ] = 5,
+    model: Annotated[str, typer.Option(help="Architecture (see `brainscan models`).")] = "mobilenet_v2",
+    weights: Annotated[str | None, typer.Option(help="State_dict file or torchvision weights name.")] = None,
+    epochs: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+    image_size: Annotated[int, typer.Option()] = 224,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    keep_duplicates_apart: Annotated[
+        bool, typer.Option("--ignore-duplicates", help="Do not keep byte-identical files in one fold.")
+    ] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Decoded-image cache (default: inside --out).")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
+    from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from .cv import SUMMARY_METRICS, cross_validate
+
+    config = RunConfig(
+        data=DataConfig(
+            root=str(data) if data else None,
+            index=str(index) if index else None,
+            group_column=group_column,
+            group_duplicates=not keep_duplicates_apart,
+            image_size=image_size,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        ),
+        out=str(out),
+        model=ModelConfig(name=model, weights=weights),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device),
+        quiet=quiet,
+    )
+    summary = cross_validate(config, folds=folds)
+    table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")
+    table.add_column("metric")
+    for k in range(1, folds + 1):
+        table.add_column(f"fold {k}", justify="right")
+    table.add_column("mean ± std", justify="right")
+    for m in SUMMARY_METRICS:
+        cells = [f"{f[m]:.4f}" if f.get(m) is not None else "–" for f in summary["folds"]]
+        mean, std = summary["mean"][m], summary["std"][m]
+        table.add_row(m, *cells, f"{mean:.4f} ± {std:.4f}" if mean is not None else "–")
+    out_console.print(table)
+    out_console.print(f"Protocol: {json.dumps(summary['protocol'])}")
+    out_console.print(f"Written: {out / 'cv_metrics.json'}")
 
 
 @app.command()
@@ -363,15 +423,101 @@ def compare(
     out_console.print(f"Comparison written to {path} (numbers: {path.with_suffix('.json')})")
 
 
+@app.command()
+@friendly_errors
+def audit(
+    data: Annotated[Path, typer.Argument(help="Dataset folder: class folders, split folders or an index's base.")],
+    out: Annotated[Path, typer.Option(help="Folder for duplicates.csv and audit.json (created).")],
+    against: Annotated[
+        list[Path] | None,
+        typer.Option(help="Another dataset to search for copies (repeatable); its paths read NAME:path."),
+    ] = None,
+    index: Index = None,
+    fail_on_leak: Annotated[
+        bool, typer.Option("--fail-on-leak", help="Exit with code 1 when a duplicate group spans splits or datasets.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Find duplicate slices (exact, re-encoded, flipped/rotated/rescaled) and copies that leak across splits."""
+    from contextlib import ExitStack
+
+    from .console import progress
+    from .data.audit import audit_duplicates
+
+    with ExitStack() as stack:
+        advance: list[Callable[[int], None]] = []
+        result = audit_duplicates(
+            data,
+            index=index,
+            against=against or (),
+            on_start=lambda total: advance.append(stack.enter_context(progress("Auditing images", total, quiet=quiet))),
+            on_progress=lambda n: advance[0](n),
+        )
+    counts = result.write(out)
+    out_console.print(counts["summary"], highlight=False)
+    err_console.print(f"Wrote {out / 'duplicates.csv'} and {out / 'audit.json'}", highlight=False)
+    leaking = counts["leaking_groups"]["count"]
+    if fail_on_leak and leaking:
+        err_console.print(f"[bold red]leak:[/] {leaking} duplicate group(s) straddle splits or datasets.")
+        raise typer.Exit(1)
+
+
+@app.command("split")
+@friendly_errors
+def split_data(
+    data: Annotated[Path, typer.Argument(help="Dataset folder: class folders, split folders or an index's base.")],
+    out: Annotated[Path, typer.Option(help="Split CSV to write: path,label,group,split.")],
+    index: Index = None,
+    group_column: GroupColumn = None,
+    dedupe: Annotated[
+        bool, typer.Option("--dedupe", help="Keep one file of each duplicate group and leave the others out.")
+    ] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    val_fraction: Annotated[float, typer.Option()] = 0.15,
+    test_fraction: Annotated[float, typer.Option()] = 0.15,
+    quiet: Quiet = False,
+) -> None:
+    """Write a stratified train/val/test split in which no duplicate group (or group-column value) straddles splits."""
+    from contextlib import ExitStack
+
+    from .console import progress
+    from .data.audit import duplicate_aware_split
+
+    with ExitStack() as stack:
+        advance: list[Callable[[int], None]] = []
+        result = duplicate_aware_split(
+            data,
+            index=index,
+            group_column=group_column,
+            dedupe=dedupe,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            on_start=lambda total: advance.append(stack.enter_context(progress("Reading images", total, quiet=quiet))),
+            on_progress=lambda n: advance[0](n),
+        )
+    result.write(out)
+    if result.unreadable and not quiet:
+        path, reason = result.unreadable[0]
+        err_console.print(f"[yellow]Skipped {len(result.unreadable)} unusable file(s)[/], e.g. {path}: {reason}")
+    counts = ", ".join(f"{split} {n}" for split, n in result.counts().items())
+    out_console.print(f"Wrote {out}: {counts} images; {result.duplicate_groups} duplicate groups.", highlight=False)
+    out_console.print(f"Split: {result.description}", highlight=False)
+
+
 def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
     if quiet:
         return
     table = Table(title=f"{metrics['protocol'].get('split', '')} split — {metrics['protocol'].get('split_method', '')}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    deleaked = metrics.get("deleaked")
+    if deleaked:
+        table.add_column(f"de-leaked (−{deleaked['protocol']['removed']} images)", justify="right")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "sensitivity", "specificity"):
         if key in metrics and metrics[key] is not None:
-            table.add_row(key, f"{metrics[key]:.4f}")
+            extra = [f"{deleaked[key]:.4f}" if deleaked.get(key) is not None else "–"] if deleaked else []
+            table.add_row(key, f"{metrics[key]:.4f}", *extra)
     err_console.print(table)
 
 

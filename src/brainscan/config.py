@@ -77,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping after this many epochs without improvement (0: off)
     monitor: str = "val_balanced_accuracy"  # selects best.pt; balanced accuracy is robust to class imbalance
+    target_sensitivity: float | None = None  # tumour decision threshold for this sensitivity on val (None: Youden's J)
     balance: str = "loss"  # class-weighted loss by default: the datasets here are imbalanced
     augment: bool = True
     seed: int = 0
@@ -95,6 +96,10 @@ class TrainConfig:
         _check(self.freeze_epochs >= 0 and self.patience >= 0, "freeze_epochs and patience must be >= 0.")
         _check(self.low_res == 0 or self.low_res >= 32, "low_res must be 0 (off) or at least 32 px.")
         _check(self.full_res_epochs >= 1, "full_res_epochs must be at least 1.")
+        _check(
+            self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
+            "target_sensitivity must lie in (0, 1].",
+        )
 
 
 @dataclass(frozen=True)

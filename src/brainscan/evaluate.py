@@ -13,9 +13,9 @@ from .data.ingest import load_images, scan_dataset
 from .data.prepare import describe_skipped
 from .data.splits import read_split_file
 from .errors import BrainscanError
-from .metrics import compute_metrics
+from .files import write_json
+from .metrics import compute_metrics, deleaked_metrics
 from .predict import Predictor
-from .train import write_json
 
 
 def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
@@ -56,12 +56,15 @@ def evaluate(
         root = Path(train_root)
         chosen = rows if split == "all" else [r for r in rows if r["split"] == split]
         items = [(root / r["path"], r["label"]) for r in chosen]
+        groups = [r["group"] for r in chosen]
+        seen = {r["group"] for r in rows if r["split"] in ("train", "val")} if split == "test" else None
     else:
         ds = scan_dataset(data, index=index, group_column=group_column)
         root = ds.root
         has_split = any(r.split == split for r in ds.records)
         chosen = [r for r in ds.records if r.split == split] if has_split and split != "all" else ds.records
         items = [(ds.absolute(r), r.label) for r in chosen]
+        groups, seen = [], None
         protocol = {
             "dataset": str(ds.root),
             "layout": ds.layout,
@@ -97,6 +100,11 @@ def evaluate(
     probs = predictor.predict_proba(table.images, tta=tta)
     protocol.update({"split": split, "n_evaluated": len(targets), "skipped_files": len(table.skipped), "tta": tta})
     metrics = compute_metrics(targets, probs, predictor.class_names, protocol=protocol)
+    if seen is not None:
+        kept_groups = [groups[i] for i in table.kept]
+        deleaked = deleaked_metrics(targets, probs, predictor.class_names, groups=kept_groups, seen_groups=seen)
+        if deleaked:
+            metrics["deleaked"] = deleaked
     target = Path(out) if out else default_metrics_path(checkpoint, split)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json(target, metrics)

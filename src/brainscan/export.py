@@ -56,6 +56,7 @@ def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
         "class_names": ckpt["class_names"],
         "preprocess": ckpt["preprocess"],
         "calibration": ckpt.get("calibration", {"temperature": 1.0}),
+        "operating_point": ckpt.get("operating_point") or None,
         "input": "float32 N×1×S×S prepared slice in 0..255 (see brainscan.data.transforms.prepare_slice)",
         "output": "logits N×C (divide by calibration.temperature before softmax)",
     }

@@ -14,6 +14,7 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
     roc_auc_score,
+    roc_curve,
 )
 
 NEGATIVE_NAMES = {
@@ -99,3 +100,61 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: in
     optimizer.step(closure)
     t = float(log_t.detach().exp())
     return t if np.isfinite(t) and 0.05 < t < 20 else 1.0
+
+
+def tumour_scores(probs: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, str] | None:
+    """P(tumour) per image and the negative class's name: binary problems, or tumour-vs-rest when one class is
+    'no tumour'. None when the classes say nothing about tumour vs no tumour (e.g. three tumour types)."""
+    neg = negative_class(class_names)
+    if neg is None and len(class_names) != 2:
+        return None
+    if neg is None:
+        pos = positive_class(class_names)
+        return np.asarray(probs)[:, pos], class_names[1 - pos]
+    return 1.0 - np.asarray(probs)[:, neg], class_names[neg]
+
+
+def choose_threshold(
+    scores: np.ndarray, is_tumour: np.ndarray, *, target_sensitivity: float | None = None
+) -> tuple[float, str]:
+    """Decision threshold on P(tumour): the highest one reaching ``target_sensitivity``, or Youden's J optimum."""
+    fpr, tpr, thresholds = roc_curve(is_tumour, scores)
+    thresholds = np.minimum(thresholds, 1.0)  # sklearn's first threshold is +inf
+    if target_sensitivity is not None:
+        ok = np.flatnonzero(tpr >= target_sensitivity)
+        return float(thresholds[ok[0]]), f"sensitivity >= {target_sensitivity:g} on val"
+    best = int(np.argmax(tpr - fpr))
+    return float(thresholds[best]), "Youden's J on val"
+
+
+def sensitivity_specificity(scores: np.ndarray, is_tumour: np.ndarray, threshold: float) -> tuple[float, float]:
+    decided = scores >= threshold
+    positives, negatives = is_tumour.astype(bool), ~is_tumour.astype(bool)
+    sens = float(decided[positives].mean()) if positives.any() else float("nan")
+    spec = float((~decided[negatives]).mean()) if negatives.any() else float("nan")
+    return sens, spec
+
+
+def deleaked_metrics(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    groups: Sequence[str],
+    seen_groups: set[str],
+) -> dict[str, Any] | None:
+    """Metrics on the evaluated images whose duplicate group never appears in ``seen_groups`` (train + val).
+
+    None when nothing leaks (the raw score is then already leakage-free).
+    """
+    keep = np.array([g not in seen_groups for g in groups], dtype=bool)
+    if keep.all():
+        return None
+    protocol = {
+        "rule": "evaluated split minus every image whose duplicate group also appears in train or val",
+        "removed": int((~keep).sum()),
+        "n_evaluated": int(keep.sum()),
+    }
+    if not keep.any():
+        return {"protocol": protocol}
+    return compute_metrics(np.asarray(targets)[keep], np.asarray(probs)[keep], class_names, protocol=protocol)

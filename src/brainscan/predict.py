@@ -87,16 +87,20 @@ class Prediction:
     """One image's result: the predicted label and the (calibrated) probability of every class."""
 
     path: str | None
-    label: str
+    label: str  # argmax class
     index: int
     probabilities: dict[str, float]
+    decision: dict[str, Any] | None = None  # tumour yes/no at the checkpoint's operating point, when it has one
 
     @property
     def confidence(self) -> float:
         return self.probabilities[self.label]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "label": self.label, "probabilities": self.probabilities}
+        out = {"path": self.path, "label": self.label, "probabilities": self.probabilities}
+        if self.decision is not None:
+            out["decision"] = self.decision
+        return out
 
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -118,6 +122,7 @@ class Predictor:
         class_names: list[str],
         preprocess: Preprocess,
         temperature: float = 1.0,
+        operating_point: dict[str, Any] | None = None,
         arch: str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -127,6 +132,7 @@ class Predictor:
         self.class_names = list(class_names)
         self.preprocess = preprocess
         self.temperature = float(temperature)
+        self.operating_point = operating_point or None
         self.arch = arch
 
     @property
@@ -178,6 +184,7 @@ class Predictor:
             class_names=ckpt["class_names"],
             preprocess=preprocess,
             temperature=float(ckpt["calibration"].get("temperature", 1.0)),
+            operating_point=ckpt.get("operating_point"),
             arch=ckpt["arch"],
         )
 
@@ -195,6 +202,7 @@ class Predictor:
             class_names=meta["class_names"],
             preprocess=Preprocess.from_dict(meta["preprocess"]),
             temperature=float(meta["calibration"].get("temperature", 1.0)),
+            operating_point=meta.get("operating_point"),
             arch=meta["arch"],
         )
 
@@ -233,9 +241,13 @@ class Predictor:
 
     def _result(self, path: str | None, probs: np.ndarray) -> Prediction:
         index = int(np.argmax(probs))
-        return Prediction(
-            path, self.class_names[index], index, {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
-        )
+        probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
+        decision = None
+        if self.operating_point:
+            tumour_p = 1.0 - probabilities[self.operating_point["negative_class"]]
+            threshold = float(self.operating_point["threshold"])
+            decision = {"tumour": tumour_p >= threshold, "tumour_probability": tumour_p, "threshold": threshold}
+        return Prediction(path, self.class_names[index], index, probabilities, decision)
 
     def predict(self, image: ImageLike, *, tta: bool = False) -> Prediction:
         """Classify one slice given as a path (any supported format), a PIL image or a numpy array."""

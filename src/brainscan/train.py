@@ -4,7 +4,6 @@ used for training, validation and testing."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
@@ -26,9 +25,17 @@ from .data.prepare import PreparedData, prepare_data
 from .data.splits import write_split_file
 from .data.transforms import Preprocess, to_model_input, train_augmentation
 from .errors import BrainscanError
+from .files import write_json
 from .hardware import set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
-from .metrics import compute_metrics, fit_temperature
+from .metrics import (
+    choose_threshold,
+    compute_metrics,
+    deleaked_metrics,
+    fit_temperature,
+    sensitivity_specificity,
+    tumour_scores,
+)
 from .models import ModelSpec, backbone_parameters, create_model, get_spec, head_parameters, set_backbone_frozen
 from .predict import Predictor, resolve_device
 
@@ -185,12 +192,6 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
 
 
@@ -397,7 +398,7 @@ def train(
             break
     train_seconds = time.time() - started
 
-    return _finish(run_dir, data, preprocess, device, history, train_seconds, best_epoch, quiet)
+    return _finish(run_dir, data, preprocess, device, history, train_seconds, best_epoch, quiet, t.target_sensitivity)
 
 
 def _finish(
@@ -409,6 +410,7 @@ def _finish(
     train_seconds: float,
     best_epoch: int,
     quiet: bool,
+    target_sensitivity: float | None,
 ) -> RunResult:
     """Calibrate the best model on val, score it on test, write metrics.json, plots and the final best.pt."""
     from .plots import plot_confusion_matrix, plot_curves, plot_examples
@@ -426,10 +428,27 @@ def _finish(
     probs = predictor.predict_proba(data.images[test_idx])
     protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}
     metrics = compute_metrics(data.targets[test_idx], probs, data.class_names, protocol=protocol)
+    operating_point = _operating_point(
+        predictor.predict_proba(data.images[val_idx]), data.targets[val_idx], probs, data.targets[test_idx],
+        data.class_names, target_sensitivity=target_sensitivity,
+    )  # fmt: skip
+    if operating_point:
+        metrics["operating_point"] = operating_point
+    seen = {row["group"] for row in data.rows if row["split"] in ("train", "val")}
+    deleaked = deleaked_metrics(
+        data.targets[test_idx],
+        probs,
+        data.class_names,
+        groups=[data.rows[i]["group"] for i in test_idx],
+        seen_groups=seen,
+    )
+    if deleaked:
+        metrics["deleaked"] = deleaked
     metrics["best_epoch"] = best_epoch
     metrics["train_seconds"] = round(train_seconds, 1)
     write_json(run_dir / "metrics.json", metrics)
     best["calibration"] = {"temperature": temperature, "method": "temperature scaling on the val split"}
+    best["operating_point"] = operating_point
     best["metrics"] = metrics
     save_checkpoint(best, run_dir / "best.pt")
 
@@ -445,6 +464,39 @@ def _finish(
         quiet=quiet,
     )
     return RunResult(run_dir, run_dir / "best.pt", metrics, history)
+
+
+def _operating_point(
+    val_probs: np.ndarray,
+    val_targets: np.ndarray,
+    test_probs: np.ndarray,
+    test_targets: np.ndarray,
+    class_names: list[str],
+    *,
+    target_sensitivity: float | None,
+) -> dict[str, Any]:
+    """Tumour-vs-no-tumour threshold chosen on val, with the sensitivity/specificity it gives on test."""
+    val = tumour_scores(val_probs, class_names)
+    if val is None:
+        return {}
+    val_scores, negative = val
+    negative_index = class_names.index(negative)
+    val_tumour = val_targets != negative_index
+    if val_tumour.all() or not val_tumour.any():
+        return {}
+    threshold, method = choose_threshold(val_scores, val_tumour, target_sensitivity=target_sensitivity)
+    test_scores, _ = tumour_scores(test_probs, class_names)
+    val_sens, val_spec = sensitivity_specificity(val_scores, val_tumour, threshold)
+    test_sens, test_spec = sensitivity_specificity(test_scores, test_targets != negative_index, threshold)
+    return {
+        "negative_class": negative,
+        "threshold": threshold,
+        "method": method,
+        "val_sensitivity": val_sens,
+        "val_specificity": val_spec,
+        "test_sensitivity": test_sens,
+        "test_specificity": test_spec,
+    }
 
 
 def _describe_data(data: PreparedData) -> str:
