@@ -14,7 +14,6 @@ import csv
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +32,10 @@ def fold_index(fold: int, folder: Path) -> Path:
         sys.exit(f"fold {fold} is not one of Figshare's folds 1-5")
     index = folder / f"figshare-fold{fold}.csv"
     with index.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "cv_fold", "split"])
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), "split"])
         writer.writeheader()
         for r in rows:
-            split = "test" if r["cv_fold"] == str(fold) else "train"
-            writer.writerow({"path": r["path"], "label": r["label"], "cv_fold": r["cv_fold"], "split": split})
+            writer.writerow({**r, "split": "test" if r["cv_fold"] == str(fold) else "train"})
     return index
 
 
@@ -57,15 +55,15 @@ def main() -> None:
         shutil.rmtree(out)
 
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        config = RunConfig(
-            data=DataConfig(root=str(FIGSHARE), index=str(fold_index(args.fold, Path(tmp))), image_size=args.image_size),
-            out=str(out),
-            model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
-            train=TrainConfig(epochs=args.epochs, seed=args.seed),
-            quiet=args.quiet,
-        )
-        result = train(config)
+    out.mkdir(parents=True)
+    config = RunConfig(  # the fold's index stays in the run directory, so the run describes itself
+        data=DataConfig(root=str(FIGSHARE), index=str(fold_index(args.fold, out)), image_size=args.image_size),
+        out=str(out),
+        model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
+        train=TrainConfig(epochs=args.epochs, seed=args.seed),
+        quiet=args.quiet,
+    )
+    result = train(config)
     minutes = (time.time() - started) / 60
     m = result.metrics
     print(json.dumps({k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "protocol")}, indent=2))

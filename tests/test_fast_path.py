@@ -45,3 +45,28 @@ def test_head_epoch_order_matches_the_loader_step_count() -> None:
     assert len(set(torch.cat(batches).tolist())) == 64
     weighted = head_epoch_order(70, batch_size=32, drop_last=False, generator=g, weights=torch.ones(70).double())
     assert [len(b) for b in weighted] == [32, 32, 6]
+
+
+def test_batch_augmentation_varies_per_image_and_reproduces_with_a_seed() -> None:
+    from brainscan.data.transforms import BatchAugment
+
+    x = torch.zeros(8, 1, 32, 32)
+    x[:, :, 8:24, 4:12] = 1.0  # the same off-centre block in every image
+    augment = BatchAugment()
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
+    c = augment(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    assert len({tuple(img.flatten().round(decimals=3).tolist()) for img in a}) == 8  # each image its own draw
+    assert a.min() >= 0 and a.max() <= 1
+    flipped_mass = (a[..., 16:].sum((1, 2, 3)) > a[..., :16].sum((1, 2, 3))).sum()
+    assert 0 < flipped_mass < 8  # some, not all, images were mirrored
+
+
+def test_batch_augmentation_without_change_is_the_identity() -> None:
+    from brainscan.data.transforms import BatchAugment
+
+    x = torch.rand(4, 1, 16, 16)
+    still = BatchAugment(hflip=0.0, degrees=0.0, translate=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
+    torch.testing.assert_close(still(x, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)

@@ -23,7 +23,7 @@ from .config import RunConfig
 from .console import info, progress
 from .data.prepare import PreparedData, prepare_data
 from .data.splits import write_split_file
-from .data.transforms import Preprocess, to_model_input, train_augmentation
+from .data.transforms import BatchAugment, Preprocess, to_model_input
 from .errors import BrainscanError
 from .files import write_json
 from .hardware import set_torch_threads
@@ -54,21 +54,17 @@ HISTORY_FIELDS = [
 
 
 class SliceDataset(Dataset):
-    """Cached ``uint8`` slices → (1×S×S uint8 tensor, label), augmented on the fly when a transform is given."""
+    """Cached ``uint8`` slices → (1×S×S uint8 tensor, label); augmentation happens later, on whole batches."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: nn.Module | None = None) -> None:
+    def __init__(self, images: np.ndarray, targets: np.ndarray) -> None:
         self.images = torch.from_numpy(images)
         self.targets = torch.from_numpy(targets).long()
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[i].unsqueeze(0)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[i]
+        return self.images[i].unsqueeze(0), self.targets[i]
 
 
 @dataclass
@@ -103,12 +99,15 @@ def run_epoch(
     scheduler: Any = None,
     frozen_spec: ModelSpec | None = None,
     input_size: int | None = None,
+    augment: BatchAugment | None = None,
+    generator: torch.Generator | None = None,
     on_batch: Any = None,
 ) -> EpochOutput:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates without gradients.
 
     ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
-    statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing).
+    statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing); ``augment``
+    draws from ``generator``.
     """
     training = optimizer is not None
     model.train(training)
@@ -120,7 +119,7 @@ def run_epoch(
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            x = to_model_input(images, preprocess)
+            x = to_model_input(images, preprocess, augment=augment, generator=generator)
             if input_size is not None and input_size != x.shape[-1]:
                 x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -245,9 +244,9 @@ def train(
 
     train_idx, val_idx = data.subset("train"), data.subset("val")
     generator = torch.Generator().manual_seed(t.seed)
-    train_set = SliceDataset(
-        data.images[train_idx], data.targets[train_idx], train_augmentation() if t.augment else None
-    )
+    train_set = SliceDataset(data.images[train_idx], data.targets[train_idx])
+    augment = BatchAugment() if t.augment else None
+    augment_rng = torch.Generator().manual_seed(t.seed + 1)
     sampler, sample_weights = None, None
     if t.balance == "sampler":
         sample_weights = _class_weights(data.targets[train_idx], len(data.class_names))[
@@ -285,6 +284,7 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["loader_rng"])
+        augment_rng.set_state(state["augment_rng"])
         history = list(state["history"])
         best_score, best_epoch, bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
         start_epoch = int(resume_ckpt["epoch"]) + 1
@@ -346,6 +346,8 @@ def train(
                     scheduler=scheduler if per_step else None,
                     frozen_spec=spec if frozen else None,
                     input_size=size,
+                    augment=augment,
+                    generator=augment_rng,
                     on_batch=advance,
                 )
         val = run_epoch(model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device)
@@ -383,6 +385,7 @@ def train(
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "torch_rng": torch.get_rng_state(),
             "loader_rng": generator.get_state(),
+            "augment_rng": augment_rng.get_state(),
             "history": history,
             "best_score": best_score,
             "best_epoch": best_epoch,

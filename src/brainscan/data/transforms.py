@@ -1,5 +1,5 @@
 """Geometry and intensity: the deterministic slice preparation shared by training and prediction,
-train-only augmentation (torchvision.transforms.v2) and model-input normalisation."""
+train-only batch augmentation and model-input normalisation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
 
 
 @dataclass(frozen=True)
@@ -92,20 +92,59 @@ def prepare_slice(gray: np.ndarray, size: int, *, crop_background: bool = True) 
     return np.asarray(resized, dtype=np.uint8)
 
 
-def train_augmentation() -> v2.Compose:
-    """Train-only augmentation on ``uint8`` 1×H×W tensors: flips, small rotation/affine, brightness/contrast."""
-    return v2.Compose(
-        [
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-            v2.ColorJitter(brightness=0.2, contrast=0.2),
-        ]
-    )
+@dataclass(frozen=True)
+class BatchAugment:
+    """Train-only augmentation applied to a whole batch at once, with its own parameters for every image:
+    horizontal flip, rotation, translation, scale (one affine resampling), brightness and contrast.
+
+    torchvision.transforms.v2 draws one set of parameters per call, so a batched call would transform every image
+    of the batch alike; per-image calls cost ~10 ms each on a CPU, half the time of a training step at 160 px.
+    Here one ``affine_grid``/``grid_sample`` pass does all images. Randomness comes from the generator passed
+    in, so a seeded run reproduces.
+    """
+
+    hflip: float = 0.5
+    degrees: float = 10.0
+    translate: float = 0.05  # fraction of the image size
+    scale: tuple[float, float] = (0.9, 1.1)
+    brightness: float = 0.2  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.2
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``x``: float N×C×H×W in [0, 1] → augmented, same shape and range."""
+        n = x.shape[0]
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return (low + (high - low) * torch.rand(n, generator=generator)).to(x.device)
+
+        angle = uniform(-self.degrees, self.degrees) * (torch.pi / 180)
+        zoom = uniform(*self.scale)
+        flip = torch.where(torch.rand(n, generator=generator) < self.hflip, -1.0, 1.0).to(x.device)
+        shift_x, shift_y = uniform(-self.translate, self.translate) * 2, uniform(-self.translate, self.translate) * 2
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        # affine_grid maps output to input coordinates: rotate/zoom, mirror x when flipped, then shift
+        theta = torch.stack(
+            [torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        bright = uniform(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)
+        contrast = uniform(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return (((x - mean) * contrast + mean) * bright).clamp_(0.0, 1.0)
 
 
-def to_model_input(batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """``uint8`` N×1×H×W → normalised float N×C×H×W in channels-last memory format (faster convolutions on CPU)."""
+def to_model_input(
+    batch: torch.Tensor,
+    preprocess: Preprocess,
+    *,
+    augment: BatchAugment | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``uint8`` N×1×H×W → (augmented) normalised float N×C×H×W, channels-last (faster convolutions on CPU)."""
     x = batch.float().div_(255.0)
+    if augment is not None:
+        x = augment(x, generator)
     if preprocess.channels != x.shape[1]:
         x = x.expand(-1, preprocess.channels, -1, -1)
     mean = torch.tensor(preprocess.mean, device=x.device).view(1, -1, 1, 1)
