@@ -28,11 +28,17 @@ def shared_weights() -> Path:
 
 
 def synthetic_slice(label: str, rng: np.random.Generator, size: int = 48) -> np.ndarray:
-    """A head-like disc on black; 'yes' slices carry a bright blob (the 'tumour') at a random spot."""
+    """A head-like ellipse with its own shape and texture on black; 'yes' slices carry a bright blob (the
+    'tumour'). Every slice differs in shape and texture, as distinct scans do (no two are near-duplicates)."""
     yy, xx = np.mgrid[:size, :size]
-    c = size / 2
-    head = ((yy - c) ** 2 + (xx - c) ** 2) < (0.4 * size) ** 2
-    img = np.where(head, 90.0, 0.0) + rng.normal(0, 8, (size, size)) * head
+    cy, cx = size / 2 + rng.uniform(-3, 3, 2)
+    ry, rx = rng.uniform(0.3, 0.45, 2) * size
+    head = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    texture = np.zeros((size, size))
+    for _ in range(6):  # a few soft blobs of random size and intensity: the 'anatomy'
+        by, bx = rng.uniform(0.25, 0.75, 2) * size
+        texture += rng.uniform(-40, 40) * np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * rng.uniform(2, 6) ** 2))
+    img = (90.0 + texture + rng.normal(0, 8, (size, size))) * head
     if label in ("yes", "glioma", "tumour"):
         by, bx = rng.uniform(0.35, 0.65, 2) * size
         img += 140.0 * (((yy - by) ** 2 + (xx - bx) ** 2) < (0.12 * size) ** 2)

@@ -454,8 +454,8 @@ def audit(
             on_progress=lambda n: advance[0](n),
         )
     counts = result.write(out)
-    out_console.print(counts["summary"], highlight=False)
-    err_console.print(f"Wrote {out / 'duplicates.csv'} and {out / 'audit.json'}", highlight=False)
+    out_console.print(counts["summary"], highlight=False, soft_wrap=True)
+    err_console.print(f"Wrote {out / 'duplicates.csv'} and {out / 'audit.json'}", highlight=False, soft_wrap=True)
     leaking = counts["leaking_groups"]["count"]
     if fail_on_leak and leaking:
         err_console.print(f"[bold red]leak:[/] {leaking} duplicate group(s) straddle splits or datasets.")
@@ -501,8 +501,8 @@ def split_data(
         path, reason = result.unreadable[0]
         err_console.print(f"[yellow]Skipped {len(result.unreadable)} unusable file(s)[/], e.g. {path}: {reason}")
     counts = ", ".join(f"{split} {n}" for split, n in result.counts().items())
-    out_console.print(f"Wrote {out}: {counts} images; {result.duplicate_groups} duplicate groups.", highlight=False)
-    out_console.print(f"Split: {result.description}", highlight=False)
+    out_console.print(f"Wrote {out}: {counts} images; {result.duplicate_groups} duplicate groups.", soft_wrap=True)
+    out_console.print(f"Split: {result.description}", highlight=False, soft_wrap=True)
 
 
 def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:

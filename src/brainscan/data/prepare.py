@@ -40,6 +40,19 @@ def describe_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+def slice_duplicate_groups(images: np.ndarray, hashes: list[str], *, quiet: bool = False) -> list[str]:
+    """A duplicate-set label per prepared slice, from the audit's matcher (exact bytes, same pixels, or the
+    same slice flipped, rotated, rescaled, re-encoded or mildly re-windowed)."""
+    from .audit import fingerprint_slice, group_fingerprints
+
+    with progress("Matching duplicates", len(images), quiet=quiet) as advance:
+        fingerprints = []
+        for image, digest in zip(images, hashes, strict=True):
+            fingerprints.append(fingerprint_slice(image, digest))
+            advance(1)
+    return [f"duplicate-{int(g)}" for g in group_fingerprints(fingerprints).ids]
+
+
 def prepare_data(
     config: DataConfig, *, seed: int, split_file: str | Path | None = None, quiet: bool = False
 ) -> PreparedData:
@@ -82,8 +95,13 @@ def prepare_data(
         splits = np.array([recorded[r.path]["split"] for r in records])
         groups = np.array([int(recorded[r.path]["group"]) for r in records])
         description, straddling = "reused from " + Path(split_file).name, 0
+        groups_of_duplicates = []
     else:
-        groups = effective_groups([r.group for r in records], table.hashes if config.group_duplicates else None)
+        duplicates = (
+            slice_duplicate_groups(table.images, table.hashes, quiet=quiet) if config.group_duplicates else None
+        )
+        groups = effective_groups([r.group for r in records], duplicates)
+        groups_of_duplicates = duplicates or []
         result = assign_splits(
             targets,
             groups=groups,
@@ -106,7 +124,7 @@ def prepare_data(
     if ds.records and any(r.group for r in records):
         grouping.append(f"group column {config.group_column or 'group'}")
     if config.group_duplicates:
-        grouping.append("byte-identical files grouped (sha1)")
+        grouping.append("duplicate sets kept whole (exact, pixel and near copies incl. flips/rotations)")
     protocol = {
         "dataset": root_str,
         "layout": ds.layout,
@@ -114,6 +132,8 @@ def prepare_data(
         "grouping": " + ".join(grouping) or "none (images split independently)",
         "deduplication": "none: duplicates are kept (grouped, not removed)",
         "exact_duplicate_sets": duplicate_sets,
+        "duplicate_matching": "on (prepared slices)" if config.group_duplicates else "off (--ignore-duplicates)",
+        "duplicate_sets": sum(1 for c in Counter(groups_of_duplicates).values() if c > 1),
         "groups_straddling_splits": straddling,
         "n_images": {name: int((splits == name).sum()) for name in ("train", "val", "test")},
         "skipped_files": len(skipped),

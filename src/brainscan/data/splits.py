@@ -59,13 +59,19 @@ def _carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction
         counts = np.bincount(sub_labels)
         stratify = sub_labels if counts[counts > 0].min() >= 2 else None
         size = max(1, round(fraction * len(indices)))  # an absolute count: float fractions round up at .0000001
-        _, take = train_test_split(indices, test_size=size, random_state=seed, stratify=stratify)
+        try:
+            _, take = train_test_split(indices, test_size=size, random_state=seed, stratify=stratify)
+        except ValueError as exc:
+            raise BrainscanError(f"Cannot split {len(indices)} images {fraction:.0%}: {exc}") from exc
         return np.sort(take)
     n_splits = max(2, min(round(1 / fraction), n_groups))
     if n_groups < 2:
         raise BrainscanError("Cannot split: all images belong to one group.")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, take = next(folds.split(indices, sub_labels, sub_groups))
+    try:
+        _, take = next(folds.split(indices, sub_labels, sub_groups))
+    except ValueError as exc:  # e.g. fewer images of a class than folds
+        raise BrainscanError(f"Cannot make a stratified group-aware split of {len(indices)} images: {exc}") from exc
     return np.sort(indices[take])
 
 
