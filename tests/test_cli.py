@@ -37,7 +37,9 @@ def test_train_evaluate_predict_from_the_command_line(trained_run: Path, yes_no_
     assert metrics["accuracy"] == pytest.approx(stored["accuracy"])
 
     images = [str(p) for p in sorted((yes_no_folder / "yes").glob("*.png"))[:3]]
-    predicted = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "best.pt"), *images, "--json", "--tta"])
+    predicted = runner.invoke(
+        app, ["predict", "--checkpoint", str(trained_run / "best.pt"), *images, "--json", "--tta"]
+    )
     assert predicted.exit_code == 0, predicted.output
     lines = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert [d["path"] for d in lines] == images
@@ -50,13 +52,17 @@ def test_predict_reports_unreadable_files_and_goes_on(trained_run: Path, yes_no_
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"garbage")
     good = sorted((yes_no_folder / "no").glob("*.png"))[0]
-    result = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "best.pt"), str(bad), str(good), "--json"])
+    result = runner.invoke(
+        app, ["predict", "--checkpoint", str(trained_run / "best.pt"), str(bad), str(good), "--json"]
+    )
     assert result.exit_code == 1
     assert "bad.png" in result.stderr and "not an image" in result.stderr
     assert json.loads(result.stdout.strip())["path"] == str(good)
 
 
-def test_evaluate_on_another_folder_scores_all_its_images(trained_run: Path, yes_no_folder: Path, tmp_path: Path) -> None:
+def test_evaluate_on_another_folder_scores_all_its_images(
+    trained_run: Path, yes_no_folder: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "external.json"
     other = write_class_folders(tmp_path / "other", {"maybe": 2})
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(other)])

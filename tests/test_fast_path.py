@@ -30,7 +30,9 @@ def test_cached_head_inputs_reproduce_the_model_output(name: str) -> None:
 
 
 def test_progressive_resizing_schedule_ends_at_full_resolution() -> None:
-    config = RunConfig(DataConfig(root=".", image_size=224), train=TrainConfig(epochs=6, low_res=160, full_res_epochs=2))
+    config = RunConfig(
+        DataConfig(root=".", image_size=224), train=TrainConfig(epochs=6, low_res=160, full_res_epochs=2)
+    )
     assert [epoch_image_size(e, config) for e in range(1, 7)] == [160, 160, 160, 160, 224, 224]
     off = RunConfig(DataConfig(root=".", image_size=224), train=TrainConfig(epochs=6, low_res=0))
     assert {epoch_image_size(e, off) for e in range(1, 7)} == {224}
