@@ -439,20 +439,11 @@ def audit(
     quiet: Quiet = False,
 ) -> None:
     """Find duplicate slices (exact, re-encoded, flipped/rotated/rescaled) and copies that leak across splits."""
-    from contextlib import ExitStack
-
-    from .console import progress
+    from .console import deferred_progress
     from .data.audit import audit_duplicates
 
-    with ExitStack() as stack:
-        advance: list[Callable[[int], None]] = []
-        result = audit_duplicates(
-            data,
-            index=index,
-            against=against or (),
-            on_start=lambda total: advance.append(stack.enter_context(progress("Auditing images", total, quiet=quiet))),
-            on_progress=lambda n: advance[0](n),
-        )
+    with deferred_progress("Auditing images", quiet=quiet) as (start, advance):
+        result = audit_duplicates(data, index=index, against=against or (), on_start=start, on_progress=advance)
     counts = result.write(out)
     out_console.print(counts["summary"], highlight=False, soft_wrap=True)
     err_console.print(f"Wrote {out / 'duplicates.csv'} and {out / 'audit.json'}", highlight=False, soft_wrap=True)
@@ -478,13 +469,10 @@ def split_data(
     quiet: Quiet = False,
 ) -> None:
     """Write a stratified train/val/test split in which no duplicate group (or group-column value) straddles splits."""
-    from contextlib import ExitStack
-
-    from .console import progress
+    from .console import deferred_progress
     from .data.audit import duplicate_aware_split
 
-    with ExitStack() as stack:
-        advance: list[Callable[[int], None]] = []
+    with deferred_progress("Reading images", quiet=quiet) as (start, advance):
         result = duplicate_aware_split(
             data,
             index=index,
@@ -493,8 +481,8 @@ def split_data(
             seed=seed,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
-            on_start=lambda total: advance.append(stack.enter_context(progress("Reading images", total, quiet=quiet))),
-            on_progress=lambda n: advance[0](n),
+            on_start=start,
+            on_progress=advance,
         )
     result.write(out)
     if result.unreadable and not quiet:

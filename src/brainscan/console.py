@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,6 +28,23 @@ def progress(description: str, total: int, *, quiet: bool = False) -> Iterator[C
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(description, total=total, status="")
         yield lambda n=1: bar.advance(task, n)
+
+
+@contextmanager
+def deferred_progress(
+    description: str, *, quiet: bool = False
+) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """A progress bar whose total is learnt later (e.g. after a scan): yields ``(start(total), advance(n))``."""
+    with ExitStack() as stack:
+        bars: list[Callable[[int], None]] = []
+
+        def start(total: int) -> None:
+            bars.append(stack.enter_context(progress(description, total, quiet=quiet)))
+
+        def advance(n: int = 1) -> None:
+            bars[0](n)
+
+        yield start, advance
 
 
 def info(message: str, *, quiet: bool = False) -> None:
