@@ -345,7 +345,7 @@ def explain(
     checkpoint: Checkpoint,
     out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (one per input).")] = Path("cams"),
     method: Annotated[
-        str, typer.Option(help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ... (default: layercam).")
+        str, typer.Option(help="fullgrad (default), gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ...")
     ] = "",
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted class).")] = None,
     device: Device = "auto",
@@ -396,12 +396,17 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `brainscan train`.")],
     out: Annotated[Path | None, typer.Option(help="HTML file (default: report.html in the run directory).")] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    localization_limit: Annotated[
+        int, typer.Option(help="Tumour slices scored for localisation, when the index has boxes (0: all).")
+    ] = 200,
     device: Device = "auto",
 ) -> None:
     """Write a self-contained HTML report of a run (and its numbers as JSON beside it)."""
     from .report import write_report
 
-    path = write_report(run_dir, out, device=device, n_resamples=resamples)
+    path = write_report(
+        run_dir, out, device=device, n_resamples=resamples, localization_limit=localization_limit or None
+    )
     out_console.print(f"Report written to {path} (numbers: {path.with_suffix('.json')})")
 
 

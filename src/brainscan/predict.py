@@ -50,6 +50,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def __call__(self, slices: np.ndarray) -> np.ndarray:
+        if not slices.flags.writeable:  # torch.from_numpy warns on read-only memory (e.g. memory-mapped caches)
+            slices = slices.copy()
         batch = torch.from_numpy(slices).unsqueeze(1).to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.model(to_model_input(batch, self.preprocess))
