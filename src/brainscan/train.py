@@ -39,6 +39,7 @@ from .metrics import (
 from .models import ModelSpec, backbone_parameters, create_model, get_spec, head_parameters, set_backbone_frozen
 from .predict import Predictor, resolve_device
 
+BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 HISTORY_FIELDS = [
     "epoch",
     "stage",
@@ -139,6 +140,32 @@ def run_epoch(
                 on_batch(1)
     n = sum(len(t) for t in all_targets)
     return EpochOutput(total_loss / max(n, 1), torch.cat(all_logits), torch.cat(all_targets))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, images: np.ndarray, *, preprocess: Preprocess, device: torch.device, batch_size: int = 32
+) -> None:
+    """Re-estimate BatchNorm running statistics on un-augmented training slices at the served resolution.
+
+    Running statistics are a moving average over augmented, possibly low-resolution batches (and, on small data,
+    still partly the pretrained model's); evaluation then sees other statistics than training did. An exact
+    average over a fixed set of clean slices removes that mismatch (as in FixRes, Touvron et al. 2019).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(images) == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
+        model(to_model_input(batch, preprocess))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
 
 
 def _seed_everything(seed: int) -> None:
@@ -302,6 +329,8 @@ def train(
     sign = -1.0 if t.monitor == "val_loss" else 1.0
     started = time.time()
     head_inputs: torch.Tensor | None = None
+    # a fixed, class-mixed sample (records are stored class by class) for BatchNorm recalibration
+    bn_sample = np.sort(np.random.default_rng(t.seed).permutation(train_idx)[:BN_RECALIBRATION_IMAGES])
     for epoch in range(start_epoch, t.epochs + 1):
         frozen = pretrained and epoch <= t.freeze_epochs
         set_backbone_frozen(model, spec, frozen)
@@ -350,6 +379,8 @@ def train(
                     generator=augment_rng,
                     on_batch=advance,
                 )
+        if not frozen:
+            recalibrate_batchnorm(model, data.images[bn_sample], preprocess=preprocess, device=device)
         val = run_epoch(model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device)
         val_metrics = compute_metrics(val.targets.numpy(), val.logits.softmax(1).numpy(), data.class_names, protocol={})
         row = {
