@@ -30,7 +30,7 @@ from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import DISCLAIMER  # noqa: E402
-from .checkpoint import load_checkpoint  # noqa: E402
+from .checkpoint import data_root, load_checkpoint  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .data.ingest import load_images  # noqa: E402
 from .data.readers import read_image  # noqa: E402
@@ -244,21 +244,6 @@ def _require(run_dir: Path, name: str) -> Path:
     return path
 
 
-def _uncalibrated_logits(predictor: Predictor, slices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    if hasattr(predictor, "raw_logits"):
-        return np.asarray(predictor.raw_logits(slices, batch_size=batch_size), dtype=np.float64)
-    chunks = [np.asarray(predictor.logits(slices[i : i + batch_size])) for i in range(0, len(slices), batch_size)]
-    return np.concatenate(chunks).astype(np.float64) if chunks else np.zeros((0, len(predictor.class_names)))
-
-
-def _data_root(config: RunConfig) -> Path:
-    if config.data.root:
-        return Path(config.data.root)
-    if config.data.index:
-        return Path(config.data.index).parent
-    raise BrainscanError("The run's config.yaml records no data folder.")
-
-
 def load_run_predictions(run_dir: str | Path, *, device: str = "auto") -> RunPredictions:
     """Rebuild the test predictions of a run: its ``split.csv`` test rows through its ``best.pt``.
 
@@ -275,7 +260,9 @@ def load_run_predictions(run_dir: str | Path, *, device: str = "auto") -> RunPre
         raise BrainscanError(f"{run_dir}/split.csv lists no test images.")
     checkpoint = load_checkpoint(ckpt_path)
     predictor = Predictor.from_checkpoint(ckpt_path, device=device)
-    root = _data_root(config)
+    root = data_root(checkpoint)
+    if root is None:
+        raise BrainscanError("The run's checkpoint records no data folder.")
     if not root.is_dir():
         raise BrainscanError(f"{root}: the run's data folder is gone; the report rebuilds test predictions from it.")
     pre = predictor.preprocess
@@ -299,7 +286,7 @@ def load_run_predictions(run_dir: str | Path, *, device: str = "auto") -> RunPre
         paths=[r["path"] for r in kept],
         images=table.images,
         targets=targets,
-        logits=_uncalibrated_logits(predictor, table.images),
+        logits=predictor.raw_logits(table.images).astype(np.float64),
         temperature=float(checkpoint.get("calibration", {}).get("temperature", 1.0)),
     )
 
