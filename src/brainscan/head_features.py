@@ -64,6 +64,15 @@ def head_epoch_order(
     return batches
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: object | None) -> None:
+    """Backpropagate ``loss``, step the optimizer and a per-step scheduler (shared by every training loop)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def fit_head_epoch(
     head: nn.Module,
     features: torch.Tensor,
@@ -84,11 +93,7 @@ def fit_head_epoch(
         y = targets[idx].to(device)
         logits = head(x)
         loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        optimizer_step(loss, optimizer, scheduler)
         total += float(loss.detach()) * len(idx)
         seen_logits.append(logits.detach().cpu())
         seen_targets.append(y.cpu())

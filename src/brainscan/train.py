@@ -27,7 +27,7 @@ from .data.transforms import BatchAugment, Preprocess, to_model_input
 from .errors import BrainscanError
 from .files import write_json
 from .hardware import set_torch_threads
-from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
+from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order, optimizer_step
 from .metrics import (
     choose_threshold,
     compute_metrics,
@@ -128,11 +128,7 @@ def run_epoch(
                 logits = model(x)
                 loss = criterion(logits.float(), targets)
             if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
+                optimizer_step(loss, optimizer, scheduler)
             total_loss += float(loss.detach()) * len(targets)
             all_logits.append(logits.detach().float().cpu())
             all_targets.append(targets.cpu())
