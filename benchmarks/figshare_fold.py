@@ -5,6 +5,10 @@
 Cheng's ``cv_fold`` keeps every patient's slices in one fold, so fold K is a patient-disjoint test set. The
 validation split (model selection, temperature scaling) is a stratified 15% of the training folds' slices.
 Prints the run's metrics and, as its last line, one JSON object: ``fold``, ``accuracy``, ``minutes`` and more.
+``--report`` also writes the run's HTML report and adds its calibration (``ece_before``, ``ece_after``) and, for
+the default explanation method, localisation figures against the tumour boxes of every correctly classified test
+slice (``pointing_game``, ``pointing_game_tolerant``, ``energy_in_box``, ``chance``); ``--methods`` scores
+further CAM methods the same way (``localization_by_method``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/figshare-foldK)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--report", action="store_true", help="write report.html and add its figures to the JSON")
+    parser.add_argument("--methods", default="", help="comma-separated extra CAM methods to score (with --report)")
     args = parser.parse_args()
     if not FIGSHARE.is_dir() or not WEIGHTS.is_file():
         sys.exit(f"needs {FIGSHARE} and {WEIGHTS} (../shared beside the checkout)")
@@ -79,7 +85,50 @@ def main() -> None:
         "minutes": round(minutes, 2),
         "run_dir": str(out),
     }
+    if args.report:
+        figures |= report_figures(out, [m for m in args.methods.split(",") if m])
     print(json.dumps(figures))
+
+
+def report_figures(run_dir: Path, methods: list[str]) -> dict:
+    """Write the run's report; its calibration and localisation figures (every correct tumour slice scored)."""
+    from brainscan import Predictor
+    from brainscan.explain import DEFAULT_METHOD, localization_scores
+    from brainscan.report import write_report
+
+    started = time.time()
+    html = write_report(run_dir, localization_limit=None)
+    report = json.loads(html.with_suffix(".json").read_text())
+    loc = report["localization"] or {}
+    figures = {
+        "ece_before": round(report["ece_before"], 4),
+        "ece_after": round(report["ece_after"], 4),
+        "temperature": round(report["temperature"], 4),
+        "cam_method": loc.get("method"),
+        **{k: _round(loc.get(k)) for k in ("pointing_game", "pointing_game_tolerant", "energy_in_box", "chance")},
+        "n_localized": loc.get("n"),
+        "report": str(html),
+    }
+    if methods:
+        with (run_dir / "split.csv").open(newline="") as f:
+            test = {r["path"] for r in csv.DictReader(f) if r["split"] == "test"}
+        with (FIGSHARE / "index.csv").open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["path"] in test]
+        predictor = Predictor.from_checkpoint(run_dir / "best.pt", backend="torch")
+        figures["localization_by_method"] = {
+            method: {
+                k: _round(v)
+                for k, v in localization_scores(predictor, rows, root=FIGSHARE, method=method).items()
+                if k in ("pointing_game", "pointing_game_tolerant", "energy_in_box", "n", "layers")
+            }
+            for method in dict.fromkeys([DEFAULT_METHOD, *methods])
+        }
+    figures["report_minutes"] = round((time.time() - started) / 60, 2)
+    return figures
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else value
 
 
 if __name__ == "__main__":

@@ -48,6 +48,34 @@ def test_train_evaluate_predict_from_the_command_line(trained_run: Path, yes_no_
         assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_predict_writes_the_activation_map_of_the_predicted_class(trained_run: Path, yes_no_folder: Path) -> None:
+    from PIL import Image
+
+    checkpoint = str(trained_run / "best.pt")
+    image = sorted((yes_no_folder / "yes").glob("*.png"))[0]
+    overlay = trained_run / "cams" / "overlay.png"
+    one = runner.invoke(app, ["predict", "--checkpoint", checkpoint, str(image), "--cam", str(overlay), "--json"])
+    assert one.exit_code == 0, one.output
+    record = json.loads(one.stdout)
+    assert record["cam"] == str(overlay) and record["cam_method"] == "fullgrad"
+    with Image.open(overlay) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (32, 32)  # the model's input grid
+
+    others = sorted((yes_no_folder / "no").glob("*.png"))[:2]
+    several = runner.invoke(
+        app,
+        ["predict", "--checkpoint", checkpoint, *map(str, others), "--cam", str(overlay), "--cam-method", "gradcam"],
+    )
+    assert several.exit_code == 0, several.output
+    assert sorted(p.name for p in overlay.parent.glob("overlay-*.png")) == sorted(
+        f"overlay-{p.stem}.png" for p in others
+    )
+    bad = runner.invoke(
+        app, ["predict", "--checkpoint", checkpoint, str(image), "--cam", "x.png", "--cam-method", "no"]
+    )
+    assert bad.exit_code == 2 and "Unknown CAM method" in bad.output
+
+
 def test_predict_reports_unreadable_files_and_goes_on(trained_run: Path, yes_no_folder: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"garbage")

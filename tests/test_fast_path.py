@@ -38,6 +38,10 @@ def test_progressive_resizing_schedule_ends_at_full_resolution() -> None:
     assert {epoch_image_size(e, off) for e in range(1, 7)} == {224}
     small = RunConfig(DataConfig(root=".", image_size=128), train=TrainConfig(epochs=6, low_res=160))
     assert {epoch_image_size(e, small) for e in range(1, 7)} == {128}
+    by_default = RunConfig(DataConfig(root=".", image_size=224), train=TrainConfig(epochs=12, low_res=160))
+    assert [epoch_image_size(e, by_default) for e in range(1, 13)] == [160] * 9 + [224] * 3  # the last quarter
+    short = RunConfig(DataConfig(root=".", image_size=224), train=TrainConfig(epochs=3, low_res=160))
+    assert [epoch_image_size(e, short) for e in range(1, 4)] == [160, 160, 224]  # at least one
 
 
 def test_head_epoch_order_matches_the_loader_step_count() -> None:

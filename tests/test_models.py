@@ -64,3 +64,13 @@ def test_shared_mobilenet_weights_load_into_the_backbone() -> None:
     model = create_model("mobilenet_v2", 2, str(path))
     torch.testing.assert_close(model.features[0][0].weight, state["features.0.0.weight"])
     assert model.classifier[1].out_features == 2
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_early_layers_are_leading_backbone_blocks(name: str) -> None:
+    spec = get_spec(name)
+    model = create_model(name, 3)
+    order = [n for n, _ in model.named_children()] + [n for n, _ in model.named_modules() if n.count(".") == 1]
+    for layer in spec.early_layers:
+        model.get_submodule(layer)  # raises if the spec names a missing layer
+        assert not spec.classifier.startswith(layer) and layer in order

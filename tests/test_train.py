@@ -174,3 +174,32 @@ def test_predefined_split_with_a_copy_across_it_reports_raw_and_deleaked(tmp_pat
     assert result.metrics["deleaked"]["protocol"]["removed"] == 1
     assert result.metrics["deleaked"]["protocol"]["n_evaluated"] == result.metrics["protocol"]["n_evaluated"] - 1
     assert evaluate(result.best_checkpoint, quiet=True)["deleaked"]["protocol"]["removed"] == 1
+
+
+@pytest.mark.parametrize("freeze_early", [True, False], ids=["early-frozen", "all-trained"])
+def test_fine_tuning_leaves_the_pretrained_early_blocks_alone_unless_asked(
+    yes_no_folder: Path, tmp_path: Path, freeze_early: bool
+) -> None:
+    from brainscan.models import create_model, get_spec
+
+    weights = tmp_path / "pretrained.pth"  # stands in for ImageNet weights: any state_dict of the architecture
+    torch.save(torchvision_state("mobilenet_v3_small"), weights)
+    config = replace(
+        tiny_config(yes_no_folder, tmp_path / "run", epochs=2, freeze_epochs=1, freeze_early=freeze_early),
+        model=ModelConfig(name="mobilenet_v3_small", weights=str(weights)),
+    )
+    trained = torch.load(train(config).run_dir / "last.pt", weights_only=True)["model_state"]
+    before = create_model("mobilenet_v3_small", 2, str(weights)).state_dict()
+    early = get_spec("mobilenet_v3_small").early_layers
+    learned = [k for k in before if k.endswith(".weight") and k.startswith(tuple(f"{m}." for m in early))]
+    later = [k for k in before if k.endswith(".weight") and k.startswith("features.5.")]
+    assert learned and later
+    assert all(torch.equal(trained[k], before[k]) for k in learned) == freeze_early
+    assert not any(torch.equal(trained[k], before[k]) for k in later)
+
+
+def torchvision_state(name: str) -> dict[str, torch.Tensor]:
+    from brainscan.models import get_spec
+
+    torch.manual_seed(0)
+    return get_spec(name).builder().state_dict()

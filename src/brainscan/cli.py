@@ -13,7 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import DISCLAIMER
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import BrainscanError
+
+T, D = TrainConfig, DataConfig  # option defaults come from the config, the one place they are defined
 
 app = typer.Typer(
     help=f"Brain-tumour MRI slice classification. {DISCLAIMER}",
@@ -60,32 +63,46 @@ def train(
     group_column: GroupColumn = None,
     model: Annotated[
         str, typer.Option(help="Architecture: cnn, mobilenet_v2, resnet18, ... (see `brainscan models`).")
-    ] = "mobilenet_v2",
+    ] = ModelConfig.name,
     weights: Annotated[
         str | None, typer.Option(help="State_dict file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1).")
     ] = None,
-    epochs: Annotated[int, typer.Option()] = 8,
-    seed: Annotated[int, typer.Option()] = 0,
-    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    lr: Annotated[float, typer.Option(help="Learning rate of the new head.")] = 1e-3,
-    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone lr = lr × this, once unfrozen.")] = 0.3,
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    optimizer: Annotated[str, typer.Option(help="adamw or adam.")] = "adamw",
-    schedule: Annotated[str, typer.Option(help="cosine, onecycle, plateau or none.")] = "cosine",
-    freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")] = 1,
-    label_smoothing: Annotated[float, typer.Option()] = 0.0,
-    low_res: Annotated[int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")] = 160,
-    full_res_epochs: Annotated[int, typer.Option(help="Final epochs at --image-size.")] = 2,
+    epochs: Annotated[int, typer.Option()] = T.epochs,
+    seed: Annotated[int, typer.Option()] = T.seed,
+    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = D.image_size,
+    batch_size: Annotated[int, typer.Option()] = T.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate of the new head.")] = T.lr,
+    backbone_lr_scale: Annotated[
+        float, typer.Option(help="Backbone lr = lr × this, once unfrozen.")
+    ] = T.backbone_lr_scale,
+    weight_decay: Annotated[float, typer.Option()] = T.weight_decay,
+    optimizer: Annotated[str, typer.Option(help="adamw or adam.")] = T.optimizer,
+    schedule: Annotated[str, typer.Option(help="cosine, onecycle, plateau or none.")] = T.schedule,
+    freeze_epochs: Annotated[
+        int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")
+    ] = T.freeze_epochs,
+    train_early_layers: Annotated[
+        bool,
+        typer.Option(
+            "--train-early-layers", help="Fine-tune the pretrained early blocks too (slower; frozen by default)."
+        ),
+    ] = False,
+    label_smoothing: Annotated[float, typer.Option()] = T.label_smoothing,
+    low_res: Annotated[
+        int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")
+    ] = T.low_res,
+    full_res_epochs: Annotated[
+        int | None, typer.Option(help="Final epochs at --image-size (default: the last quarter).")
+    ] = T.full_res_epochs,
     no_feature_cache: Annotated[
         bool,
         typer.Option("--no-feature-cache", help="Head-only epochs run the whole network instead of cached features."),
     ] = False,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = 0,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = T.patience,
     monitor: Annotated[
         str, typer.Option(help="val_balanced_accuracy, val_accuracy, val_macro_f1 or val_loss.")
-    ] = "val_balanced_accuracy",
-    balance: Annotated[str, typer.Option(help="Class imbalance: none, sampler or loss.")] = "loss",
+    ] = T.monitor,
+    balance: Annotated[str, typer.Option(help="Class imbalance: none, sampler or loss.")] = T.balance,
     target_sensitivity: Annotated[
         float | None, typer.Option(help="Tumour threshold reaching this val sensitivity (default: Youden's J).")
     ] = None,
@@ -96,8 +113,8 @@ def train(
     keep_duplicates_apart: Annotated[
         bool, typer.Option("--ignore-duplicates", help="Do not group byte-identical files when splitting.")
     ] = False,
-    val_fraction: Annotated[float, typer.Option()] = 0.15,
-    test_fraction: Annotated[float, typer.Option()] = 0.15,
+    val_fraction: Annotated[float, typer.Option()] = D.val_fraction,
+    test_fraction: Annotated[float, typer.Option()] = D.test_fraction,
     cache_dir: Annotated[Path | None, typer.Option(help="Reuse decoded images across runs from this folder.")] = None,
     strict: Annotated[bool, typer.Option(help="Unreadable files are fatal instead of skipped.")] = False,
     device: Device = "auto",
@@ -105,7 +122,6 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
-    from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from .train import train as run_train
 
     config = RunConfig(
@@ -132,6 +148,7 @@ def train(
             optimizer=optimizer,
             schedule=schedule,
             freeze_epochs=freeze_epochs,
+            freeze_early=not train_early_layers,
             label_smoothing=label_smoothing,
             low_res=low_res,
             full_res_epochs=full_res_epochs,
@@ -161,12 +178,12 @@ def cv(
     folds: Annotated[
         int, typer.Option(help="Number of folds (a group column with this many values is used as is).")
     ] = 5,
-    model: Annotated[str, typer.Option(help="Architecture (see `brainscan models`).")] = "mobilenet_v2",
+    model: Annotated[str, typer.Option(help="Architecture (see `brainscan models`).")] = ModelConfig.name,
     weights: Annotated[str | None, typer.Option(help="State_dict file or torchvision weights name.")] = None,
-    epochs: Annotated[int, typer.Option()] = 8,
-    seed: Annotated[int, typer.Option()] = 0,
-    image_size: Annotated[int, typer.Option()] = 224,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    epochs: Annotated[int, typer.Option()] = T.epochs,
+    seed: Annotated[int, typer.Option()] = T.seed,
+    image_size: Annotated[int, typer.Option()] = D.image_size,
+    batch_size: Annotated[int, typer.Option()] = T.batch_size,
     keep_duplicates_apart: Annotated[
         bool, typer.Option("--ignore-duplicates", help="Do not keep byte-identical files in one fold.")
     ] = False,
@@ -175,7 +192,6 @@ def cv(
     quiet: Quiet = False,
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
-    from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from .cv import SUMMARY_METRICS, cross_validate
 
     config = RunConfig(
@@ -242,6 +258,36 @@ def evaluate(
     err_console.print(f"Metrics written to {out or default_metrics_path(checkpoint, split)}")
 
 
+def _image_files(paths: list[Path]) -> list[Path]:
+    """The given files, and the supported images inside the given folders (sorted)."""
+    from .data.readers import is_supported
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+        else:
+            files.append(path)
+    if not files:
+        raise BrainscanError("No image files given.")
+    return files
+
+
+def _cam_paths(cam: Path, files: list[Path]) -> list[Path]:
+    """``--cam overlay.png`` for one input; ``overlay-<input stem>.png`` beside it for several."""
+    if len(files) == 1:
+        return [cam]
+    names, paths = set(), []
+    for file in files:
+        name, n = f"{cam.stem}-{file.stem}.png", 1
+        while name in names:  # same file name in two folders
+            n += 1
+            name = f"{cam.stem}-{file.stem}-{n}.png"
+        names.add(name)
+        paths.append(cam.with_name(name))
+    return paths
+
+
 @app.command()
 @friendly_errors
 def predict(
@@ -255,38 +301,49 @@ def predict(
     backend: Annotated[
         str, typer.Option(help="auto (ONNX Runtime when best.onnx sits beside it), torch, onnxruntime.")
     ] = "auto",
+    cam: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the predicted class's activation map over the slice to this PNG (several inputs: "
+            "NAME-<input>.png beside it)."
+        ),
+    ] = None,
+    cam_method: Annotated[str, typer.Option(help="CAM method for --cam (see `brainscan explain`).")] = "",
     device: Device = "auto",
 ) -> None:
     """Classify images with a trained checkpoint. Unreadable files are reported and skipped (exit code 1)."""
-    from .data.readers import ImageReadError, is_supported
+    from .data.readers import ImageReadError
+    from .explain import DEFAULT_METHOD, METHODS, explain, save_overlay
     from .predict import Predictor
 
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
-        else:
-            files.append(path)
-    if not files:
-        raise BrainscanError("No image files given.")
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend=backend)
+    files = _image_files(paths)
+    cam_method = cam_method or DEFAULT_METHOD
+    if cam and cam_method not in METHODS:
+        raise BrainscanError(f"Unknown CAM method {cam_method!r}; choose one of: {', '.join(METHODS)}.")
+    # activation maps need the PyTorch graph; its outputs match the exported model's within 1e-4
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch" if cam else backend)
+    cam_files = _cam_paths(cam, files) if cam else [None] * len(files)
     failures = 0
-    table = Table("path", "label", "confidence", *predictor.class_names)
-    for file in files:
+    table = Table("path", "label", "confidence", *predictor.class_names, *(["overlay"] if cam else []))
+    for file, cam_file in zip(files, cam_files, strict=True):
         try:
             result = predictor.predict(file, tta=tta)
+            if cam_file is not None:
+                save_overlay(explain(predictor, file, method=cam_method, target=result.label), cam_file)
         except ImageReadError as exc:
             failures += 1
             err_console.print(f"[bold red]skipped[/] {exc}", highlight=False)
             continue
+        record = result.to_dict() | ({"cam": str(cam_file), "cam_method": cam_method} if cam_file else {})
         if as_json:
-            print(json.dumps(result.to_dict()), flush=True)
+            print(json.dumps(record), flush=True)
         else:
             table.add_row(
                 str(file),
                 result.label,
                 f"{result.confidence:.3f}",
                 *(f"{p:.3f}" for p in result.probabilities.values()),
+                *([str(cam_file)] if cam_file else []),
             )
     if not as_json:
         out_console.print(table)
@@ -351,7 +408,7 @@ def explain(
     device: Device = "auto",
 ) -> None:
     """Class activation maps (Grad-CAM family) over each input slice, written as PNG overlays."""
-    from .data.readers import ImageReadError, is_supported
+    from .data.readers import ImageReadError
     from .explain import DEFAULT_METHOD, METHODS, save_overlay
     from .explain import explain as run_explain
     from .predict import Predictor
@@ -359,14 +416,7 @@ def explain(
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise BrainscanError(f"Unknown CAM method {method!r}; choose one of: {', '.join(METHODS)}.")
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
-        else:
-            files.append(path)
-    if not files:
-        raise BrainscanError("No image files given.")
+    files = _image_files(paths)
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
     table = Table("input", "label", "probability", "explained", "overlay", title=f"{method} maps")
     failures, used = 0, set()
@@ -469,8 +519,8 @@ def split_data(
         bool, typer.Option("--dedupe", help="Keep one file of each duplicate group and leave the others out.")
     ] = False,
     seed: Annotated[int, typer.Option()] = 0,
-    val_fraction: Annotated[float, typer.Option()] = 0.15,
-    test_fraction: Annotated[float, typer.Option()] = 0.15,
+    val_fraction: Annotated[float, typer.Option()] = D.val_fraction,
+    test_fraction: Annotated[float, typer.Option()] = D.test_fraction,
     quiet: Quiet = False,
 ) -> None:
     """Write a stratified train/val/test split in which no duplicate group (or group-column value) straddles splits."""

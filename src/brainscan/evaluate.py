@@ -14,8 +14,8 @@ from .data.prepare import describe_skipped
 from .data.splits import read_split_file
 from .errors import BrainscanError
 from .files import write_json
-from .metrics import compute_metrics, deleaked_metrics
-from .predict import Predictor
+from .metrics import calibration_summary, compute_metrics, deleaked_metrics
+from .predict import Predictor, softmax
 
 
 def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
@@ -97,9 +97,11 @@ def evaluate(
     if not table.kept:
         raise BrainscanError(f"None of the {len(items)} images in split {split!r} could be read.")
     targets = np.array([predictor.class_names.index(items[i][1]) for i in table.kept])
-    probs = predictor.predict_proba(table.images, tta=tta)
+    logits = predictor.raw_logits(table.images, tta=tta)
+    probs = softmax(logits, predictor.temperature)
     protocol.update({"split": split, "n_evaluated": len(targets), "skipped_files": len(table.skipped), "tta": tta})
     metrics = compute_metrics(targets, probs, predictor.class_names, protocol=protocol)
+    metrics["calibration"] = calibration_summary(logits, targets, predictor.temperature)
     if seen is not None:
         kept_groups = [groups[i] for i in table.kept]
         deleaked = deleaked_metrics(targets, probs, predictor.class_names, groups=kept_groups, seen_groups=seen)

@@ -16,7 +16,9 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+from torchmetrics.functional.classification import multiclass_calibration_error
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 NEGATIVE_NAMES = {
     "no",
     "notumor",
@@ -158,3 +160,24 @@ def deleaked_metrics(
     if not keep.any():
         return {"protocol": protocol}
     return compute_metrics(np.asarray(targets)[keep], np.asarray(probs)[keep], class_names, protocol=protocol)
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error (L1) over ``n_bins`` equal-width confidence bins (torchmetrics)."""
+    probs = torch.as_tensor(np.asarray(probs, dtype=np.float32))
+    return float(
+        multiclass_calibration_error(
+            probs, torch.as_tensor(np.asarray(targets)).long(), num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
+        )
+    )
+
+
+def calibration_summary(logits: np.ndarray, targets: np.ndarray, temperature: float) -> dict[str, Any]:
+    """Expected calibration error of ``softmax(logits)`` before and after dividing by ``temperature``."""
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float32))
+    return {
+        "temperature": float(temperature),
+        "ece_before": expected_calibration_error(z.softmax(1).numpy(), targets),
+        "ece_after": expected_calibration_error((z / temperature).softmax(1).numpy(), targets),
+        "ece_bins": ECE_BINS,
+    }

@@ -33,6 +33,9 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     weights_enum: str | None = None  # torchvision weights enum name for the official pretrained download
     dropout_module: str | None = None  # dotted name of the Dropout before the classifier, if any
+    # leading pretrained blocks (up to stride 4) that fine-tuning may leave frozen: generic edge and texture
+    # filters whose backward pass, at full resolution, costs about half of a CPU training step
+    early_layers: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -105,6 +108,7 @@ register_model(
         ("features.18", "features.13", "features.6"),
         weights_enum="MobileNet_V2_Weights",
         dropout_module="classifier.0",
+        early_layers=("features.0", "features.1", "features.2", "features.3"),
     )
 )
 register_model(
@@ -115,6 +119,7 @@ register_model(
         ("features.12", "features.8"),
         weights_enum="MobileNet_V3_Small_Weights",
         dropout_module="classifier.2",
+        early_layers=("features.0", "features.1"),
     )
 )
 register_model(
@@ -125,13 +130,28 @@ register_model(
         ("features.16", "features.12"),
         weights_enum="MobileNet_V3_Large_Weights",
         dropout_module="classifier.2",
+        early_layers=("features.0", "features.1", "features.2", "features.3"),
     )
 )
 register_model(
-    ModelSpec("resnet18", torchvision.models.resnet18, "fc", ("layer4", "layer3"), weights_enum="ResNet18_Weights")
+    ModelSpec(
+        "resnet18",
+        torchvision.models.resnet18,
+        "fc",
+        ("layer4", "layer3"),
+        weights_enum="ResNet18_Weights",
+        early_layers=("conv1", "bn1", "layer1"),
+    )
 )
 register_model(
-    ModelSpec("resnet50", torchvision.models.resnet50, "fc", ("layer4", "layer3"), weights_enum="ResNet50_Weights")
+    ModelSpec(
+        "resnet50",
+        torchvision.models.resnet50,
+        "fc",
+        ("layer4", "layer3"),
+        weights_enum="ResNet50_Weights",
+        early_layers=("conv1", "bn1", "layer1"),
+    )
 )
 register_model(
     ModelSpec(
@@ -141,6 +161,7 @@ register_model(
         ("features.8", "features.6"),
         weights_enum="EfficientNet_B0_Weights",
         dropout_module="classifier.0",
+        early_layers=("features.0", "features.1", "features.2"),
     )
 )
 
@@ -239,6 +260,16 @@ def set_backbone_frozen(model: nn.Module, spec: ModelSpec, frozen: bool) -> None
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module is not head:
                 module.eval()
+
+
+def freeze_early_layers(model: nn.Module, spec: ModelSpec) -> None:
+    """Keep the spec's early pretrained blocks out of fine-tuning (no gradients, so no backward pass through them).
+
+    Their BatchNorm layers stay in training mode, so normalisation still adapts to the new images.
+    """
+    for name in spec.early_layers:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> int:

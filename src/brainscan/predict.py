@@ -223,7 +223,7 @@ class Predictor:
 
     def raw_logits(self, slices: np.ndarray, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         """Uncalibrated logits (N×C) for prepared ``uint8`` slices, computed in batches; with ``tta`` the log of
-        the mean probability over the flipped views, so temperature scaling still applies."""
+        the mean probability over the slice and its mirror image, so temperature scaling still applies."""
         chunks = [
             self._batch_logits(np.ascontiguousarray(slices[i : i + batch_size]), tta)
             for i in range(0, len(slices), batch_size)
@@ -233,13 +233,13 @@ class Predictor:
     def _batch_logits(self, slices: np.ndarray, tta: bool) -> np.ndarray:
         if not tta:
             return self.backend(slices)
-        views = [slices, slices[..., ::-1], slices[:, ::-1, :], slices[:, ::-1, ::-1]]
-        probs = np.mean([_softmax(self.backend(np.ascontiguousarray(v))) for v in views], axis=0)
+        views = [slices, slices[..., ::-1]]  # the left-right mirror training augments with; never upside down
+        probs = np.mean([softmax(self.backend(np.ascontiguousarray(v))) for v in views], axis=0)
         return np.log(np.maximum(probs, 1e-12)).astype(np.float32)
 
     def predict_proba(self, slices: np.ndarray, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
         """Calibrated class probabilities (N×C) for prepared slices."""
-        return _softmax(self.raw_logits(slices, tta=tta, batch_size=batch_size) / self.temperature)
+        return softmax(self.raw_logits(slices, tta=tta, batch_size=batch_size), self.temperature).astype(np.float32)
 
     def _result(self, path: str | None, probs: np.ndarray) -> Prediction:
         index = int(np.argmax(probs))
@@ -278,10 +278,12 @@ class Predictor:
             yield self._result(path, p)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (float64, numerically stable)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _has_module(name: str) -> bool:

@@ -45,10 +45,10 @@ from .explain import (  # noqa: E402
     overlay,
     slice_geometry,
 )
-from .metrics import compute_metrics, positive_class  # noqa: E402
+from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, positive_class  # noqa: E402
 from .models import count_parameters  # noqa: E402
 from .plots import plot_confusion_matrix, plot_curves  # noqa: E402
-from .predict import Predictor  # noqa: E402
+from .predict import Predictor, softmax  # noqa: E402
 
 SECTION_IDS = (
     "disclaimer",
@@ -63,19 +63,8 @@ SECTION_IDS = (
     "localization",
 )
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
-ECE_BINS = 15
 
 # ------------------------------------------------------------------------------------------------ numbers
-
-
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Top-label expected calibration error (L1) over ``n_bins`` equal-width confidence bins.
-
-    Bins are ``[k/n, (k+1)/n)``; a confidence of exactly 1 has a bin of its own, as in torchmetrics'
-    ``multiclass_calibration_error``, which this matches.
-    """
-    table = reliability_table(probs, targets, n_bins)
-    return float(np.sum(np.abs(table["accuracy"] - table["confidence"]) * table["count"]) / max(len(targets), 1))
 
 
 def reliability_table(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
@@ -92,13 +81,6 @@ def reliability_table(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_
         conf = np.nan_to_num(np.bincount(index, confidence, minlength=n_bins + 1) / count)
         acc = np.nan_to_num(np.bincount(index, correct, minlength=n_bins + 1) / count)
     return {"confidence": conf, "accuracy": acc, "count": count, "edges": edges}
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:

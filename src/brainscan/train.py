@@ -29,6 +29,7 @@ from .files import write_json
 from .hardware import set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order, optimizer_step
 from .metrics import (
+    calibration_summary,
     choose_threshold,
     compute_metrics,
     deleaked_metrics,
@@ -36,8 +37,16 @@ from .metrics import (
     sensitivity_specificity,
     tumour_scores,
 )
-from .models import ModelSpec, backbone_parameters, create_model, get_spec, head_parameters, set_backbone_frozen
-from .predict import Predictor, resolve_device
+from .models import (
+    ModelSpec,
+    backbone_parameters,
+    create_model,
+    freeze_early_layers,
+    get_spec,
+    head_parameters,
+    set_backbone_frozen,
+)
+from .predict import Predictor, resolve_device, softmax
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 HISTORY_FIELDS = [
@@ -197,7 +206,7 @@ def _build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_
 def epoch_image_size(epoch: int, config: RunConfig) -> int:
     """Progressive resizing: ``low_res`` until the last ``full_res_epochs`` epochs, then ``image_size``."""
     t, full = config.train, config.data.image_size
-    if t.low_res <= 0 or t.low_res >= full or epoch > t.epochs - t.full_res_epochs:
+    if t.low_res <= 0 or t.low_res >= full or epoch > t.epochs - t.full_resolution_epochs:
         return full
     return t.low_res
 
@@ -330,6 +339,8 @@ def train(
     for epoch in range(start_epoch, t.epochs + 1):
         frozen = pretrained and epoch <= t.freeze_epochs
         set_backbone_frozen(model, spec, frozen)
+        if pretrained and t.freeze_early and not frozen:
+            freeze_early_layers(model, spec)
         epoch_start = time.time()
         size = epoch_image_size(epoch, config)
         label = f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else f" ({size} px)")
@@ -455,9 +466,15 @@ def _finish(
     )
     temperature = fit_temperature(torch.from_numpy(val_logits), torch.from_numpy(data.targets[val_idx]))
     predictor.temperature = temperature
-    probs = predictor.predict_proba(data.images[test_idx])
+    test_logits = predictor.raw_logits(data.images[test_idx])
+    probs = softmax(test_logits, temperature).astype(np.float32)
     protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}
     metrics = compute_metrics(data.targets[test_idx], probs, data.class_names, protocol=protocol)
+    calibration = {
+        **calibration_summary(test_logits, data.targets[test_idx], temperature),
+        "method": "temperature scaling on the val split",
+    }
+    metrics["calibration"] = calibration
     operating_point = _operating_point(
         predictor.predict_proba(data.images[val_idx]), data.targets[val_idx], probs, data.targets[test_idx],
         data.class_names, target_sensitivity=target_sensitivity,
@@ -477,7 +494,7 @@ def _finish(
     metrics["best_epoch"] = best_epoch
     metrics["train_seconds"] = round(train_seconds, 1)
     write_json(run_dir / "metrics.json", metrics)
-    best["calibration"] = {"temperature": temperature, "method": "temperature scaling on the val split"}
+    best["calibration"] = {k: calibration[k] for k in ("temperature", "method")}
     best["operating_point"] = operating_point
     best["metrics"] = metrics
     save_checkpoint(best, run_dir / "best.pt")
