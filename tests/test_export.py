@@ -60,3 +60,12 @@ def test_missing_export_and_unknown_format_are_clear_errors(tiny_run: Path, tmp_
         Predictor.from_checkpoint(tiny_run, backend="onnxruntime", model_path=tmp_path / "absent.onnx")
     with pytest.raises(BrainscanError, match="Unknown export format"):
         export_model(tiny_run, fmt="tflite")
+
+
+def test_tta_averages_the_slice_and_its_mirror_image_only(tiny_run: Path) -> None:
+    predictor = Predictor.from_checkpoint(tiny_run, backend="torch")
+    predictor.temperature = 1.0  # TTA returns log(mean probability): with T = 1 its softmax is exactly that mean
+    slices = reference_slices(tiny_run)[:4]
+    mirrored = np.ascontiguousarray(slices[..., ::-1])
+    expected = (predictor.predict_proba(slices) + predictor.predict_proba(mirrored)) / 2
+    np.testing.assert_allclose(predictor.predict_proba(slices, tta=True), expected, atol=1e-5)

@@ -234,7 +234,7 @@ def evaluate(
     group_column: GroupColumn = None,
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Metrics JSON path (default: beside the checkpoint).")] = None,
-    tta: Annotated[bool, typer.Option(help="Average flipped views.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average the slice and its left-right mirror.")] = False,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -293,7 +293,7 @@ def _cam_paths(cam: Path, files: list[Path]) -> list[Path]:
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")],
     checkpoint: Checkpoint,
-    tta: Annotated[bool, typer.Option(help="Average flipped views.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average the slice and its left-right mirror.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per input: path, label, probabilities.")
     ] = False,

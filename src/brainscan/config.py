@@ -76,7 +76,7 @@ class TrainConfig:
     low_res: int = 160  # progressive resizing: unfrozen epochs before the last full_res_epochs run at this size
     # final epochs at image_size, so the model ends adapted to the resolution it serves (None: the last quarter)
     full_res_epochs: int | None = None
-    label_smoothing: float = 0.1  # softer targets: better-calibrated, less over-confident fine-tunes
+    label_smoothing: float = 0.0
     patience: int = 0  # early stopping after this many epochs without improvement (0: off)
     monitor: str = "val_balanced_accuracy"  # selects best.pt; balanced accuracy is robust to class imbalance
     target_sensitivity: float | None = None  # tumour decision threshold for this sensitivity on val (None: Youden's J)
