@@ -313,13 +313,15 @@ def predict(
 ) -> None:
     """Classify images with a trained checkpoint. Unreadable files are reported and skipped (exit code 1)."""
     from .data.readers import ImageReadError
-    from .explain import DEFAULT_METHOD, METHODS, explain, save_overlay
     from .predict import Predictor
 
     files = _image_files(paths)
-    cam_method = cam_method or DEFAULT_METHOD
-    if cam and cam_method not in METHODS:
-        raise BrainscanError(f"Unknown CAM method {cam_method!r}; choose one of: {', '.join(METHODS)}.")
+    if cam:  # pytorch-grad-cam is imported only when maps are asked for
+        from .explain import DEFAULT_METHOD, METHODS, explain, save_overlay
+
+        cam_method = cam_method or DEFAULT_METHOD
+        if cam_method not in METHODS:
+            raise BrainscanError(f"Unknown CAM method {cam_method!r}; choose one of: {', '.join(METHODS)}.")
     # activation maps need the PyTorch graph; its outputs match the exported model's within 1e-4
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch" if cam else backend)
     cam_files = _cam_paths(cam, files) if cam else [None] * len(files)

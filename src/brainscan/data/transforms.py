@@ -150,8 +150,3 @@ def to_model_input(
     mean = torch.tensor(preprocess.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(preprocess.std, device=x.device).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
-    """The flipped views averaged by test-time augmentation: identity, horizontal, vertical, both."""
-    return [batch, batch.flip(-1), batch.flip(-2), batch.flip(-1, -2)]
