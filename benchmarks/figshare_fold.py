@@ -109,19 +109,23 @@ def report_figures(run_dir: Path, methods: list[str]) -> dict:
         "n_localized": loc.get("n"),
         "report": str(html),
     }
+    others = [m for m in dict.fromkeys(methods) if m != DEFAULT_METHOD]  # the report already scored the default
     if methods:
         with (run_dir / "split.csv").open(newline="") as f:
             test = {r["path"] for r in csv.DictReader(f) if r["split"] == "test"}
         with (FIGSHARE / "index.csv").open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["path"] in test]
         predictor = Predictor.from_checkpoint(run_dir / "best.pt", backend="torch")
+        scored = {DEFAULT_METHOD: loc} | {
+            method: localization_scores(predictor, rows, root=FIGSHARE, method=method) for method in others
+        }
         figures["localization_by_method"] = {
             method: {
                 k: _round(v)
-                for k, v in localization_scores(predictor, rows, root=FIGSHARE, method=method).items()
+                for k, v in scores.items()
                 if k in ("pointing_game", "pointing_game_tolerant", "energy_in_box", "n", "layers")
             }
-            for method in dict.fromkeys([DEFAULT_METHOD, *methods])
+            for method, scores in scored.items()
         }
     figures["report_minutes"] = round((time.time() - started) / 60, 2)
     return figures

@@ -45,7 +45,13 @@ from .explain import (  # noqa: E402
     overlay,
     slice_geometry,
 )
-from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, positive_class  # noqa: E402
+from .metrics import (  # noqa: E402
+    ECE_BINS,
+    calibration_summary,
+    compute_metrics,
+    expected_calibration_error,
+    positive_class,
+)
 from .models import count_parameters  # noqa: E402
 from .plots import plot_confusion_matrix, plot_curves  # noqa: E402
 from .predict import Predictor, softmax  # noqa: E402
@@ -532,8 +538,8 @@ def write_report(
     probs_before, probs = softmax(run.logits), run.probs
     metrics = compute_metrics(run.targets, probs, names, protocol=run.recorded.get("protocol", {}))
     cis = bootstrap_metrics(run.targets, probs, n_resamples=n_resamples, seed=seed)
-    ece_before = expected_calibration_error(probs_before, run.targets)
-    ece_after = expected_calibration_error(probs, run.targets)
+    calibration = calibration_summary(run.logits, run.targets, run.temperature)
+    ece_before, ece_after = calibration["ece_before"], calibration["ece_after"]
     index_rows = _index_rows(run.config)
     localization = None
     if index_rows is not None:

@@ -465,7 +465,6 @@ def _finish(
         [predictor.raw_logits(data.images[val_idx[i : i + 64]]) for i in range(0, len(val_idx), 64)]
     )
     temperature = fit_temperature(torch.from_numpy(val_logits), torch.from_numpy(data.targets[val_idx]))
-    predictor.temperature = temperature
     test_logits = predictor.raw_logits(data.images[test_idx])
     probs = softmax(test_logits, temperature).astype(np.float32)
     protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}
@@ -476,7 +475,7 @@ def _finish(
     }
     metrics["calibration"] = calibration
     operating_point = _operating_point(
-        predictor.predict_proba(data.images[val_idx]), data.targets[val_idx], probs, data.targets[test_idx],
+        softmax(val_logits, temperature).astype(np.float32), data.targets[val_idx], probs, data.targets[test_idx],
         data.class_names, target_sensitivity=target_sensitivity,
     )  # fmt: skip
     if operating_point:
