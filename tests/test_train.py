@@ -203,3 +203,11 @@ def torchvision_state(name: str) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(0)
     return get_spec(name).builder().state_dict()
+
+
+def test_best_checkpoint_comes_from_an_epoch_at_the_served_resolution(yes_no_folder: Path, tmp_path: Path) -> None:
+    config = tiny_config(yes_no_folder, tmp_path / "run", epochs=3, low_res=32, full_res_epochs=1)
+    config = replace(config, data=replace(config.data, image_size=48))
+    result = train(config)
+    assert [row["stage"] for row in result.history] == ["full@32px", "full@32px", "full@48px"]
+    assert result.metrics["best_epoch"] == 3, "low-resolution epochs are progress figures, not candidates"

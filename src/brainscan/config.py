@@ -78,7 +78,8 @@ class TrainConfig:
     full_res_epochs: int | None = None
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping after this many epochs without improvement (0: off)
-    monitor: str = "val_balanced_accuracy"  # selects best.pt; balanced accuracy is robust to class imbalance
+    # selects best.pt among the epochs at the served resolution; balanced accuracy is robust to class imbalance
+    monitor: str = "val_balanced_accuracy"
     target_sensitivity: float | None = None  # tumour decision threshold for this sensitivity on val (None: Youden's J)
     balance: str = "loss"  # class-weighted loss: the datasets here are imbalanced (fold 1: 0.935 vs 0.928 plain)
     augment: bool = True

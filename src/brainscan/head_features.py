@@ -20,20 +20,23 @@ def extract_head_inputs(
     model: nn.Module,
     spec: ModelSpec,
     images: np.ndarray,
+    indices: np.ndarray | None = None,
     *,
     preprocess: Preprocess,
     device: torch.device,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """What the classifier layer receives for each image (N×F), captured with a forward pre-hook."""
+    """What the classifier layer receives for each image (N×F), or for ``images[indices]`` without copying them,
+    captured with a forward pre-hook."""
     captured: list[torch.Tensor] = []
     head = model.get_submodule(spec.classifier)
     hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().float().cpu()))
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
+        order = np.arange(len(images)) if indices is None else np.asarray(indices)
+        for i in range(0, len(order), batch_size):
+            batch = torch.from_numpy(images[order[i : i + batch_size]]).unsqueeze(1).to(device)
             model(to_model_input(batch, preprocess))
     finally:
         hook.remove()
