@@ -143,6 +143,7 @@ def run_brainscan(index: Path | None, epochs: int, seed: int, size: int, out: Pa
         "accuracy": round(result.metrics["accuracy"], 4),
         "n_test": result.metrics["protocol"]["n_evaluated"],
         "peak_rss_mb": round(peak_rss_mb()),
+        **{k: round(result.metrics["calibration"][k], 4) for k in ("ece_before", "ece_after", "temperature")},
     }
     deleaked = result.metrics.get("deleaked")
     if deleaked:  # a predefined split with duplicates across it

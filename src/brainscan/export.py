@@ -7,6 +7,8 @@ are written beside it (``<name>.json``) and, for ONNX, also into the model's met
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import warnings
 from pathlib import Path
@@ -91,24 +93,14 @@ def export_model(
     wrapper = ExportWrapper(predictor.model, predictor.preprocess).eval()
     size = predictor.preprocess.image_size
     out = Path(out) if out else exported_path(checkpoint, fmt)
-    example = torch.zeros(2, 1, size, size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
-        if fmt == "onnx":
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(out),
-                input_names=["slices"],
-                output_names=["logits"],
-                dynamic_axes={"slices": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-            _add_onnx_metadata(out, metadata(ckpt))
-        else:
-            traced = torch.jit.trace(wrapper, example)
-            torch.jit.save(traced, str(out), _extra_files={"brainscan.json": json.dumps(metadata(ckpt))})
+    if fmt == "onnx":
+        _write_onnx(wrapper, size, str(out))
+        _add_onnx_metadata(out, metadata(ckpt))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer deprecation chatter
+            traced = torch.jit.trace(wrapper, torch.zeros(2, 1, size, size))
+        torch.jit.save(traced, str(out), _extra_files={"brainscan.json": json.dumps(metadata(ckpt))})
 
     if check_slices is None:
         check_slices = np.random.default_rng(0).integers(0, 256, (4, size, size), dtype=np.uint8)
@@ -125,6 +117,29 @@ def export_model(
         )
     out.with_suffix(".json").write_text(json.dumps(metadata(ckpt), indent=2))
     return out
+
+
+def _write_onnx(wrapper: ExportWrapper, size: int, target: str | io.BytesIO) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
+        torch.onnx.export(
+            wrapper,
+            (torch.zeros(2, 1, size, size),),
+            target,
+            input_names=["slices"],
+            output_names=["logits"],
+            dynamic_axes={"slices": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def onnx_bytes(model: nn.Module, preprocess: Preprocess) -> bytes:
+    """An in-memory ONNX graph of ``model`` (a CPU copy in eval mode; ``model`` itself is left as it is)."""
+    wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), preprocess).eval()
+    buffer = io.BytesIO()
+    _write_onnx(wrapper, preprocess.image_size, buffer)
+    return buffer.getvalue()
 
 
 def _add_onnx_metadata(path: Path, meta: dict[str, Any]) -> None:

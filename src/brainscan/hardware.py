@@ -1,8 +1,13 @@
-"""What the machine offers: usable CPU cores, and thread settings that do not oversubscribe them."""
+"""What the machine offers: usable CPU cores, thread settings that do not oversubscribe them, and returning
+freed memory to the operating system."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -20,3 +25,25 @@ def set_torch_threads(threads: int | None = None) -> int:
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
     return wanted
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)  # glibc only
+
+
+def release_free_memory() -> None:
+    """Hand heap memory that is already freed back to the operating system (glibc; a no-op elsewhere).
+
+    CPU tensors come from malloc. Training steps and evaluation passes allocate differently shaped buffers, and
+    glibc keeps the blocks one phase freed, so without this resident memory grows to the sum of the phases'
+    peaks instead of the largest (MobileNetV2 at 224 px: about 3.1 instead of 2.6 GB on the 7,023-image set).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

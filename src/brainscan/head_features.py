@@ -6,16 +6,19 @@ augmentation, BatchNorm in eval mode) feeds every head-only epoch, and each of t
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.transforms import Preprocess, to_model_input
+from .data.transforms import Preprocess
+from .hardware import release_free_memory
 from .models import ModelSpec
+from .predict import fast_backend
 
 
-@torch.inference_mode()
 def extract_head_inputs(
     model: nn.Module,
     spec: ModelSpec,
@@ -26,22 +29,18 @@ def extract_head_inputs(
     device: torch.device,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """What the classifier layer receives for each image (N×F), or for ``images[indices]`` without copying them,
-    captured with a forward pre-hook."""
-    captured: list[torch.Tensor] = []
-    head = model.get_submodule(spec.classifier)
-    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().float().cpu()))
-    was_training = model.training
-    model.eval()
-    try:
-        order = np.arange(len(images)) if indices is None else np.asarray(indices)
-        for i in range(0, len(order), batch_size):
-            batch = torch.from_numpy(images[order[i : i + batch_size]]).unsqueeze(1).to(device)
-            model(to_model_input(batch, preprocess))
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return torch.cat(captured)
+    """What the classifier layer receives for each image (N×F), or for ``images[indices]`` without copying them.
+
+    The network up to the classifier runs once, in eval mode, through :func:`~brainscan.predict.fast_backend`
+    (ONNX Runtime on a CPU); ``model`` itself is left untouched.
+    """
+    trunk = copy.deepcopy(model).eval()
+    trunk.set_submodule(spec.classifier, nn.Identity())
+    backend = fast_backend(trunk, preprocess, device)
+    order = np.arange(len(images)) if indices is None else np.asarray(indices)
+    features = [backend(images[order[i : i + batch_size]]) for i in range(0, len(order), batch_size)]
+    release_free_memory()
+    return torch.from_numpy(np.concatenate(features)).float()
 
 
 def dropout_rate(model: nn.Module, spec: ModelSpec) -> float:

@@ -4,6 +4,7 @@ ONNX Runtime, TorchScript) differ only in the forward call."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,16 +62,30 @@ class TorchBackend:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, model: str | Path | bytes, *, threads: int | None = None) -> None:
         ort = optional_import("onnxruntime", "onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cpus()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: slices[:, None].astype(np.float32)})[0]
+
+
+def fast_backend(model: nn.Module, preprocess: Preprocess, device: torch.device) -> Backend:
+    """The quickest forward pass for a model in memory: ONNX Runtime on a CPU (MobileNetV2 at 224 px about 3x
+    eager PyTorch here), PyTorch on a GPU. ``model`` itself is not changed; the ONNX graph is built from a copy."""
+    if device.type == "cpu" and _has_module("onnxruntime"):
+        from .export import onnx_bytes
+
+        try:
+            return OnnxRuntimeBackend(onnx_bytes(model, preprocess))
+        except Exception as exc:  # an exporter gap for some architecture must not stop a run: fall back
+            warnings.warn(f"ONNX Runtime path unavailable ({exc}); running PyTorch eagerly.", stacklevel=2)
+    return TorchBackend(model, preprocess, device)
 
 
 class TorchScriptBackend:

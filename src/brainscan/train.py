@@ -26,7 +26,7 @@ from .data.splits import write_split_file
 from .data.transforms import BatchAugment, Preprocess, to_model_input
 from .errors import BrainscanError
 from .files import write_json
-from .hardware import set_torch_threads
+from .hardware import release_free_memory, set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order, optimizer_step
 from .metrics import (
     calibration_summary,
@@ -46,7 +46,7 @@ from .models import (
     head_parameters,
     set_backbone_frozen,
 )
-from .predict import Predictor, resolve_device, softmax
+from .predict import Predictor, fast_backend, resolve_device, softmax
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 HISTORY_FIELDS = [
@@ -148,6 +148,7 @@ def run_epoch(
             all_targets.append(targets.cpu())
             if on_batch:
                 on_batch(1)
+    release_free_memory()
     n = sum(len(t) for t in all_targets)
     return EpochOutput(total_loss / max(n, 1), torch.cat(all_logits), torch.cat(all_targets))
 
@@ -176,6 +177,28 @@ def recalibrate_batchnorm(
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
+    release_free_memory()
+
+
+def _validate_served(
+    model: nn.Module,
+    images: np.ndarray,
+    indices: np.ndarray,
+    targets: np.ndarray,
+    *,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 64,
+) -> EpochOutput:
+    """Validation at the served resolution through :func:`~brainscan.predict.fast_backend` (ONNX Runtime on a
+    CPU: a few times quicker than an eager pass, even with the export it needs first)."""
+    backend = fast_backend(model, preprocess, device)
+    logits = torch.from_numpy(
+        np.concatenate([backend(images[indices[i : i + batch_size]]) for i in range(0, len(indices), batch_size)])
+    ).float()
+    labels = torch.from_numpy(targets[indices]).long()
+    release_free_memory()
+    return EpochOutput(float(F.cross_entropy(logits, labels)), logits, labels)
 
 
 def _seed_everything(seed: int) -> None:
@@ -396,10 +419,12 @@ def train(
         served = frozen or size == config.data.image_size
         if served and not frozen:
             recalibrate_batchnorm(model, data.images[bn_sample], preprocess=preprocess, device=device)
-        val = run_epoch(
-            model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device,
-            input_size=None if served else size,
-        )  # fmt: skip
+        if served:
+            val = _validate_served(model, data.images, val_idx, data.targets, preprocess=preprocess, device=device)
+        else:
+            val = run_epoch(
+                model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device, input_size=size
+            )
         val_metrics = compute_metrics(val.targets.numpy(), val.logits.softmax(1).numpy(), data.class_names, protocol={})
         row = {
             "epoch": epoch,
@@ -469,7 +494,9 @@ def _finish(
     best = load_checkpoint(run_dir / "best.pt")
     model = create_model(best["arch"], len(data.class_names))
     model.load_state_dict(best["model_state"])
-    predictor = Predictor(model, class_names=data.class_names, preprocess=preprocess, arch=best["arch"], device=device)
+    predictor = Predictor(
+        fast_backend(model, preprocess, device), class_names=data.class_names, preprocess=preprocess, arch=best["arch"]
+    )
     val_idx, test_idx = data.subset("val"), data.subset("test")
     val_logits = np.concatenate(
         [predictor.raw_logits(data.images[val_idx[i : i + 64]]) for i in range(0, len(val_idx), 64)]
