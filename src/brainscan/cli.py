@@ -125,9 +125,10 @@ def train(
     from .train import train as run_train
 
     config = RunConfig(
-        data=DataConfig(
-            root=str(data) if data else None,
-            index=str(index) if index else None,
+        data=_data_config(
+            data,
+            index,
+            cache_dir,
             group_column=group_column,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
@@ -135,7 +136,6 @@ def train(
             strict=strict,
             image_size=image_size,
             crop_background=not no_crop,
-            cache_dir=str(cache_dir) if cache_dir else None,
         ),
         out=str(out),
         model=ModelConfig(name=model, weights=weights),
@@ -168,6 +168,16 @@ def train(
     out_console.print(f"Run directory: {result.run_dir}")
 
 
+def _data_config(data: Path | None, index: Path | None, cache_dir: Path | None, **fields: Any) -> DataConfig:
+    """The data section of a run's config from CLI options (paths become strings, absent ones stay None)."""
+    return DataConfig(
+        root=str(data) if data else None,
+        index=str(index) if index else None,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        **fields,
+    )
+
+
 @app.command()
 @friendly_errors
 def cv(
@@ -195,13 +205,13 @@ def cv(
     from .cv import SUMMARY_METRICS, cross_validate
 
     config = RunConfig(
-        data=DataConfig(
-            root=str(data) if data else None,
-            index=str(index) if index else None,
+        data=_data_config(
+            data,
+            index,
+            cache_dir,
             group_column=group_column,
             group_duplicates=not keep_duplicates_apart,
             image_size=image_size,
-            cache_dir=str(cache_dir) if cache_dir else None,
         ),
         out=str(out),
         model=ModelConfig(name=model, weights=weights),
