@@ -211,3 +211,9 @@ def test_best_checkpoint_comes_from_an_epoch_at_the_served_resolution(yes_no_fol
     result = train(config)
     assert [row["stage"] for row in result.history] == ["full@32px", "full@32px", "full@48px"]
     assert result.metrics["best_epoch"] == 3, "low-resolution epochs are progress figures, not candidates"
+
+
+def test_a_validation_tie_keeps_the_later_epoch(yes_no_folder: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(yes_no_folder, tmp_path / "run", epochs=3, lr=1e-12))  # nothing changes: all tie
+    assert len({row["val_balanced_accuracy"] for row in result.history}) == 1
+    assert result.metrics["best_epoch"] == 3

@@ -27,7 +27,7 @@ def extract_head_inputs(
     *,
     preprocess: Preprocess,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> torch.Tensor:
     """What the classifier layer receives for each image (N×F), or for ``images[indices]`` without copying them.
 
@@ -39,6 +39,7 @@ def extract_head_inputs(
     backend = fast_backend(trunk, preprocess, device)
     order = np.arange(len(images)) if indices is None else np.asarray(indices)
     features = [backend(images[order[i : i + batch_size]]) for i in range(0, len(order), batch_size)]
+    del backend, trunk
     release_free_memory()
     return torch.from_numpy(np.concatenate(features)).float()
 

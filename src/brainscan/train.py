@@ -188,7 +188,7 @@ def _validate_served(
     *,
     preprocess: Preprocess,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> EpochOutput:
     """Validation at the served resolution through :func:`~brainscan.predict.fast_backend` (ONNX Runtime on a
     CPU: a few times quicker than an eager pass, even with the export it needs first)."""
@@ -197,6 +197,7 @@ def _validate_served(
         np.concatenate([backend(images[indices[i : i + batch_size]]) for i in range(0, len(indices), batch_size)])
     ).float()
     labels = torch.from_numpy(targets[indices]).long()
+    del backend
     release_free_memory()
     return EpochOutput(float(F.cross_entropy(logits, labels)), logits, labels)
 
@@ -448,11 +449,12 @@ def train(
         if t.schedule == "plateau":
             scheduler.step(row[t.monitor])
         score = sign * row[t.monitor]
-        if served and score > best_score:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            save_checkpoint({**common, "model_state": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
-        elif served:
-            bad_epochs += 1
+        if served:
+            # patience counts epochs without a strict improvement; a tie still takes the later, more annealed epoch
+            bad_epochs = 0 if score > best_score else bad_epochs + 1
+            if score >= best_score:
+                best_score, best_epoch = score, epoch
+                save_checkpoint({**common, "model_state": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
         resume_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -498,11 +500,9 @@ def _finish(
         fast_backend(model, preprocess, device), class_names=data.class_names, preprocess=preprocess, arch=best["arch"]
     )
     val_idx, test_idx = data.subset("val"), data.subset("test")
-    val_logits = np.concatenate(
-        [predictor.raw_logits(data.images[val_idx[i : i + 64]]) for i in range(0, len(val_idx), 64)]
-    )
+    val_logits = predictor.raw_logits(data.images[val_idx], batch_size=32)
     temperature = fit_temperature(torch.from_numpy(val_logits), torch.from_numpy(data.targets[val_idx]))
-    test_logits = predictor.raw_logits(data.images[test_idx])
+    test_logits = predictor.raw_logits(data.images[test_idx], batch_size=32)
     probs = softmax(test_logits, temperature).astype(np.float32)
     protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}
     metrics = compute_metrics(data.targets[test_idx], probs, data.class_names, protocol=protocol)
