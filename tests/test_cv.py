@@ -46,6 +46,7 @@ def test_cv_keeps_each_patient_in_one_test_fold(tmp_path: Path) -> None:
                 test_fold_of.setdefault(r["group"], set()).add(k)
         assert {r["split"] for r in rows} == {"train", "val", "test"}
         assert len(patients) == 48
+        assert all(r["patient"] for r in rows), "the user's other index columns (e.g. tumour boxes) are kept"
     assert all(len(folds) == 1 for folds in test_fold_of.values())
     stored = json.loads((tmp_path / "cv" / "cv_metrics.json").read_text())
     assert len(stored["folds"]) == 3

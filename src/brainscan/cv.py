@@ -84,6 +84,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     fold_of, method = assign_folds(labels, all_groups, given, folds=folds, seed=config.train.seed)
     straddling = sum(len(set(fold_of[duplicate_groups == g])) > 1 for g in np.unique(duplicate_groups))
 
+    extra_columns, extras = _index_extras(data.index or (Path(data.root) / "index.csv" if data.root else None))
     fold_metrics = []
     for k in range(1, folds + 1):
         fold_dir = out / f"fold-{k}"
@@ -103,10 +104,11 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
         fold_dir.mkdir(parents=True, exist_ok=True)
         index = fold_dir / "fold-index.csv"
         with index.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split"])
+            writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split", *extra_columns])
             writer.writeheader()
             for r, g, s in zip(records, all_groups, split.splits, strict=True):
-                writer.writerow({"path": r.path, "label": r.label, "group": int(g), "split": s})
+                own = {"path": r.path, "label": r.label, "group": int(g), "split": s}
+                writer.writerow({**extras.get(r.path, {}), **own})
         fold_config = replace(
             config,
             out=str(fold_dir),
@@ -134,6 +136,18 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     }
     write_json(out / "cv_metrics.json", summary)
     return summary
+
+
+def _index_extras(index: str | Path | None) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The user's index columns beyond path, label, group and split (e.g. tumour boxes), by path, so that each
+    fold's index keeps them and its report can still score explanations against the boxes."""
+    if index is None or not Path(index).is_file():
+        return [], {}
+    with Path(index).open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames or [] if c not in ("path", "label", "group", "split")]
+        rows = {row["path"]: {c: row[c] for c in columns} for row in reader}
+    return columns, rows
 
 
 def _nan_stat(fn: Any, folds: list[dict[str, Any]], key: str) -> float | None:
