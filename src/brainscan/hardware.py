@@ -42,7 +42,7 @@ def release_free_memory() -> None:
 
     CPU tensors come from malloc. Training steps and evaluation passes allocate differently shaped buffers, and
     glibc keeps the blocks one phase freed, so without this resident memory grows to the sum of the phases'
-    peaks instead of the largest (MobileNetV2 at 224 px: about 3.1 instead of 2.6 GB on the 7,023-image set).
+    peaks instead of the largest (MobileNetV2 at 224 px with a 7,023-slice cache: 3.1 instead of 2.6 GB).
     """
     trim = _malloc_trim()
     if trim is not None:
