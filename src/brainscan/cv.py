@@ -84,7 +84,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     fold_of, method = assign_folds(labels, all_groups, given, folds=folds, seed=config.train.seed)
     straddling = sum(len(set(fold_of[duplicate_groups == g])) > 1 for g in np.unique(duplicate_groups))
 
-    extra_columns, extras = _index_extras(data.index or (Path(data.root) / "index.csv" if data.root else None))
+    extra_columns, extras = _index_extras(ds.index)
     fold_metrics = []
     for k in range(1, folds + 1):
         fold_dir = out / f"fold-{k}"
@@ -138,12 +138,12 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     return summary
 
 
-def _index_extras(index: str | Path | None) -> tuple[list[str], dict[str, dict[str, str]]]:
+def _index_extras(index: Path | None) -> tuple[list[str], dict[str, dict[str, str]]]:
     """The user's index columns beyond path, label, group and split (e.g. tumour boxes), by path, so that each
     fold's index keeps them and its report can still score explanations against the boxes."""
-    if index is None or not Path(index).is_file():
+    if index is None:
         return [], {}
-    with Path(index).open(newline="") as f:
+    with index.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = [c for c in reader.fieldnames or [] if c not in ("path", "label", "group", "split")]
         rows = {row["path"]: {c: row[c] for c in columns} for row in reader}

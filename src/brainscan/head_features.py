@@ -16,7 +16,7 @@ from torch import nn
 from .data.transforms import Preprocess
 from .hardware import release_free_memory
 from .models import ModelSpec
-from .predict import fast_backend
+from .predict import fast_backend, forward_batches
 
 
 def extract_head_inputs(
@@ -37,11 +37,10 @@ def extract_head_inputs(
     trunk = copy.deepcopy(model).eval()
     trunk.set_submodule(spec.classifier, nn.Identity())
     backend = fast_backend(trunk, preprocess, device)
-    order = np.arange(len(images)) if indices is None else np.asarray(indices)
-    features = [backend(images[order[i : i + batch_size]]) for i in range(0, len(order), batch_size)]
+    features = forward_batches(backend, images, indices, batch_size=batch_size)
     del backend, trunk
     release_free_memory()
-    return torch.from_numpy(np.concatenate(features)).float()
+    return torch.from_numpy(features).float()
 
 
 def dropout_rate(model: nn.Module, spec: ModelSpec) -> float:

@@ -90,6 +90,14 @@ def fast_backend(model: nn.Module, preprocess: Preprocess, device: torch.device)
     return TorchBackend(model, preprocess, device)
 
 
+def forward_batches(
+    backend: Backend, images: np.ndarray, indices: np.ndarray | None = None, *, batch_size: int = 32
+) -> np.ndarray:
+    """``backend`` over ``images[indices]`` (all images when None) in batches, without copying the whole selection."""
+    order = np.arange(len(images)) if indices is None else np.asarray(indices)
+    return np.concatenate([backend(images[order[i : i + batch_size]]) for i in range(0, len(order), batch_size)])
+
+
 class TorchScriptBackend:
     name = "torchscript"
 

@@ -46,7 +46,7 @@ from .models import (
     head_parameters,
     set_backbone_frozen,
 )
-from .predict import Predictor, fast_backend, resolve_device, softmax
+from .predict import Predictor, fast_backend, forward_batches, resolve_device, softmax
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 HISTORY_FIELDS = [
@@ -193,9 +193,7 @@ def _validate_served(
     """Validation at the served resolution through :func:`~brainscan.predict.fast_backend` (ONNX Runtime on a
     CPU: a few times quicker than an eager pass, even with the export it needs first)."""
     backend = fast_backend(model, preprocess, device)
-    logits = torch.from_numpy(
-        np.concatenate([backend(images[indices[i : i + batch_size]]) for i in range(0, len(indices), batch_size)])
-    ).float()
+    logits = torch.from_numpy(forward_batches(backend, images, indices, batch_size=batch_size)).float()
     labels = torch.from_numpy(targets[indices]).long()
     del backend
     release_free_memory()
@@ -418,9 +416,9 @@ def train(
         # Only epochs at the served resolution are candidates for best.pt; a low-resolution epoch is validated at
         # its own size, as a progress figure, which spares a BatchNorm recalibration and a full-size pass per epoch.
         served = frozen or size == config.data.image_size
-        if served and not frozen:
-            recalibrate_batchnorm(model, data.images[bn_sample], preprocess=preprocess, device=device)
         if served:
+            if not frozen:
+                recalibrate_batchnorm(model, data.images[bn_sample], preprocess=preprocess, device=device)
             val = _validate_served(model, data.images, val_idx, data.targets, preprocess=preprocess, device=device)
         else:
             val = run_epoch(

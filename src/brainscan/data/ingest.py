@@ -58,6 +58,7 @@ class Dataset:
     records: list[Record]
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    index: Path | None = None  # the index CSV the records came from (index layout only)
 
     def absolute(self, record: Record) -> Path:
         return self.root / record.path
@@ -162,7 +163,7 @@ def _scan_index(index: Path, root: Path | None, group_column: str | None) -> Dat
             )
     if not records:
         raise BrainscanError(f"{index}: the index lists no images.")
-    return Dataset(root, "index", records, sorted({r.label for r in records}))
+    return Dataset(root, "index", records, sorted({r.label for r in records}), index=index)
 
 
 def file_sha1(path: str | Path) -> str:
