@@ -11,7 +11,7 @@ from brainscan import DataConfig, RunConfig, TrainConfig
 from brainscan.data.transforms import Preprocess, to_model_input
 from brainscan.head_features import extract_head_inputs, head_epoch_order
 from brainscan.models import create_model, get_spec
-from brainscan.train import epoch_image_size
+from brainscan.train import accumulated_step, epoch_image_size
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "cnn"])
@@ -76,3 +76,29 @@ def test_batch_augmentation_without_change_is_the_identity() -> None:
     x = torch.rand(4, 1, 16, 16)
     still = BatchAugment(hflip=0.0, degrees=0.0, translate=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
     torch.testing.assert_close(still(x, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_batch_split_into_passes_takes_the_same_optimizer_step(weighted: bool) -> None:
+    """Memory-bounded training: gradients accumulated over slices of a batch equal the whole batch's gradient
+    (a weighted, label-smoothed loss included), so only BatchNorm, absent here, could tell the two apart."""
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3, 8, 8), torch.tensor([0, 1, 1, 1, 1, 1, 1, 2, 2, 0])
+    weight = torch.tensor([3.0, 0.5, 1.5]) if weighted else None
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    steps = []
+    for passes in (1, 3):
+        torch.manual_seed(1)
+        nn = torch.nn
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss, logits = accumulated_step(model, x, y, criterion=criterion, optimizer=optimizer, passes=passes)
+        steps.append((loss, logits, [p.detach().clone() for p in model.parameters()]))
+    (loss1, logits1, params1), (loss3, logits3, params3) = steps
+    assert torch.allclose(loss1, loss3, atol=1e-6) and torch.allclose(logits1, logits3, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params1, params3, strict=True))
+
+
+def test_default_cpu_passes_hold_16_slices_at_160_px_and_8_at_224() -> None:
+    budget = TrainConfig().cpu_pass_pixels
+    assert 16 * 160 * 160 <= budget < 17 * 160 * 160 and 8 * 224 * 224 <= budget < 9 * 224 * 224

@@ -81,12 +81,12 @@ def train(
     freeze_epochs: Annotated[
         int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")
     ] = T.freeze_epochs,
-    train_early_layers: Annotated[
+    freeze_early_layers: Annotated[
         bool,
         typer.Option(
-            "--train-early-layers", help="Fine-tune the pretrained early blocks too (slower; frozen by default)."
+            "--freeze-early-layers", help="Keep the pretrained early blocks frozen (~2x faster on CPU, less accurate)."
         ),
-    ] = False,
+    ] = T.freeze_early,
     label_smoothing: Annotated[float, typer.Option()] = T.label_smoothing,
     low_res: Annotated[
         int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")
@@ -107,6 +107,9 @@ def train(
         float | None, typer.Option(help="Tumour threshold reaching this val sensitivity (default: Youden's J).")
     ] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch off train-time augmentation.")] = False,
+    cpu_pass_pixels: Annotated[
+        int, typer.Option(help="On a CPU, split bigger batches into passes of this many pixels (0: never).")
+    ] = T.cpu_pass_pixels,
     no_crop: Annotated[
         bool, typer.Option("--no-crop", help="Keep the black background instead of cropping to the head.")
     ] = False,
@@ -148,7 +151,7 @@ def train(
             optimizer=optimizer,
             schedule=schedule,
             freeze_epochs=freeze_epochs,
-            freeze_early=not train_early_layers,
+            freeze_early=freeze_early_layers,
             label_smoothing=label_smoothing,
             low_res=low_res,
             full_res_epochs=full_res_epochs,
@@ -158,6 +161,7 @@ def train(
             balance=balance,
             target_sensitivity=target_sensitivity,
             augment=not no_augment,
+            cpu_pass_pixels=cpu_pass_pixels,
             seed=seed,
             device=device,
         ),

@@ -27,7 +27,7 @@ from .data.transforms import BatchAugment, Preprocess, to_model_input
 from .errors import BrainscanError
 from .files import write_json
 from .hardware import release_free_memory, set_torch_threads
-from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order, optimizer_step
+from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
 from .metrics import (
     calibration_summary,
     choose_threshold,
@@ -116,13 +116,15 @@ def run_epoch(
     input_size: int | None = None,
     augment: BatchAugment | None = None,
     generator: torch.Generator | None = None,
+    pass_pixels: int = 0,
     on_batch: Any = None,
 ) -> EpochOutput:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates without gradients.
 
     ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
     statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing); ``augment``
-    draws from ``generator``.
+    draws from ``generator``; ``pass_pixels`` (0: off) bounds a training forward/backward pass, see
+    :func:`accumulated_step`.
     """
     training = optimizer is not None
     model.train(training)
@@ -138,11 +140,15 @@ def run_epoch(
             if input_size is not None and input_size != x.shape[-1]:
                 x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-                loss = criterion(logits.float(), targets)
             if training:
-                optimizer_step(loss, optimizer, scheduler)
+                passes = math.ceil(x.shape[0] * x.shape[-1] * x.shape[-2] / pass_pixels) if pass_pixels else 1
+                loss, logits = accumulated_step(
+                    model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes
+                )
+            else:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(x)
+                    loss = criterion(logits.float(), targets)
             total_loss += float(loss.detach()) * len(targets)
             all_logits.append(logits.detach().float().cpu())
             all_targets.append(targets.cpu())
@@ -151,6 +157,43 @@ def run_epoch(
     release_free_memory()
     n = sum(len(t) for t in all_targets)
     return EpochOutput(total_loss / max(n, 1), torch.cat(all_logits), torch.cat(all_targets))
+
+
+def accumulated_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    passes: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch fed through the model in ``passes`` slices; returns (loss, logits).
+
+    Activations are held for one slice at a time, so peak memory falls with the slice size. Each slice's loss is
+    weighted by its share of the batch (of the class weights, for a weighted loss), so the accumulated gradient is
+    the whole batch's; only BatchNorm, which normalises over what it sees, works per slice.
+    """
+    passes = max(1, min(passes, len(x)))
+    weight = getattr(criterion, "weight", None)
+    shares = weight[targets] if weight is not None else torch.ones(len(targets), device=targets.device)
+    total_share = shares.sum()
+    use_amp = x.device.type == "cuda"
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, all_logits = torch.zeros((), device=x.device), []
+    slices = zip(x.tensor_split(passes), targets.tensor_split(passes), shares.tensor_split(passes), strict=True)
+    for xs, ys, ws in slices:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(xs)
+            loss = criterion(logits.float(), ys) * (ws.sum() / total_share)
+        loss.backward()
+        loss_sum += loss.detach()
+        all_logits.append(logits.detach())
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss_sum, torch.cat(all_logits)
 
 
 @torch.no_grad()
@@ -411,6 +454,7 @@ def train(
                     input_size=size,
                     augment=augment,
                     generator=augment_rng,
+                    pass_pixels=t.cpu_pass_pixels if device.type == "cpu" else 0,
                     on_batch=advance,
                 )
         # Only epochs at the served resolution are candidates for best.pt; a low-resolution epoch is validated at
