@@ -9,13 +9,15 @@ Model: MobileNetV2 from the shared ImageNet weights, AdamW, cosine schedule, 224
 * naive: the notebook loop — PIL decode + resize of every image every epoch, torchvision.transforms.v2
   augmentation, NCHW float32, all layers trained from the first epoch;
 * brainscan: ``brainscan.train`` with its defaults (decode once into a uint8 cache, channels-last, a head-only
-  epoch on cached backbone features, pretrained early blocks frozen, progressive resizing 160 → 224 px with the
-  last quarter of the epochs at full resolution).
+  epoch on cached backbone features, memory-bounded passes, progressive resizing 160 → 224 px with the last
+  quarter of the epochs at full resolution);
+* brainscan-fast: the same with the small-CPU option ``freeze_early`` (pretrained early blocks stay frozen).
 
 Each variant runs in its own process, so peak RSS is its own. ``--four-class`` adds one brainscan run on the
 whole 7,023-image 4-class set (trained on ``Training/``, tested on ``Testing/``, same epochs) for its peak RSS
 and its raw vs de-leaked ``Testing/`` accuracy. Last line: one JSON object with ``speedup`` (naive wall time ÷
-brainscan wall time) and ``accuracy_delta`` (brainscan − naive, test accuracy).
+brainscan wall time) and ``accuracy_delta`` (brainscan − naive, test accuracy), and both for the fast variant
+(``speedup_fast``, ``accuracy_delta_fast``).
 """
 
 from __future__ import annotations
@@ -123,14 +125,16 @@ def run_naive(index: Path, epochs: int, seed: int, size: int) -> dict:
     }
 
 
-def run_brainscan(index: Path | None, epochs: int, seed: int, size: int, out: Path, root: Path) -> dict:
+def run_brainscan(
+    index: Path | None, epochs: int, seed: int, size: int, out: Path, root: Path, *, freeze_early: bool = False
+) -> dict:
     from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig, train
 
     config = RunConfig(
         data=DataConfig(root=str(root), index=str(index) if index else None, image_size=size),
         out=str(out),
         model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
-        train=TrainConfig(epochs=epochs, seed=seed),
+        train=TrainConfig(epochs=epochs, seed=seed, freeze_early=freeze_early),
         quiet=True,
     )
     start = time.time()
@@ -156,8 +160,11 @@ def run_brainscan(index: Path | None, epochs: int, seed: int, size: int, out: Pa
 def child(args: argparse.Namespace) -> None:
     if args.variant == "naive":
         figures = run_naive(args.index, args.epochs, args.seed, args.image_size)
-    elif args.variant == "brainscan":
-        figures = run_brainscan(args.index, args.epochs, args.seed, args.image_size, args.out, FIGSHARE)
+    elif args.variant in ("brainscan", "brainscan-fast"):
+        figures = run_brainscan(
+            args.index, args.epochs, args.seed, args.image_size, args.out, FIGSHARE,
+            freeze_early=args.variant == "brainscan-fast",
+        )  # fmt: skip
     else:
         figures = run_brainscan(None, args.epochs, args.seed, args.image_size, args.out, FOUR_CLASS)
     print(json.dumps(figures))
@@ -185,7 +192,7 @@ def main() -> None:
     parser.add_argument(
         "--four-class", action="store_true", help="also train on the 7,023-image 4-class set: peak RSS, raw/de-leaked"
     )
-    parser.add_argument("--variant", choices=["naive", "brainscan", "4class"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["naive", "brainscan", "brainscan-fast", "4class"], help=argparse.SUPPRESS)
     parser.add_argument("--index", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,14 +205,18 @@ def main() -> None:
         index = write_index(Path(tmp), args.train_images, args.seed)
         naive = spawn("naive", index, args, Path(tmp) / "naive", args.epochs)
         ours = spawn("brainscan", index, args, Path(tmp) / "brainscan", args.epochs)
+        fast = spawn("brainscan-fast", index, args, Path(tmp) / "brainscan-fast", args.epochs)
         four = spawn("4class", index, args, Path(tmp) / "4class", args.epochs) if args.four_class else None
     figures = {
         "epochs": args.epochs,
         "train_images": args.train_images,
         "naive": naive,
         "brainscan": ours,
+        "brainscan_fast": fast,
         "speedup": round(naive["train_seconds"] / ours["train_seconds"], 2),
         "accuracy_delta": round(ours["accuracy"] - naive["accuracy"], 4),
+        "speedup_fast": round(naive["train_seconds"] / fast["train_seconds"], 2),
+        "accuracy_delta_fast": round(fast["accuracy"] - naive["accuracy"], 4),
     }
     if four:
         figures["four_class"] = four
