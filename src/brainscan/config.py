@@ -71,8 +71,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     schedule: str = "cosine"
     freeze_epochs: int = 1  # head-only epochs before the backbone is unfrozen (pretrained models only)
-    # pretrained early blocks (stride <= 4) frozen while fine-tuning: ~1.4x faster epochs on a CPU, but Figshare
-    # fold 1 scored 0.932 instead of 0.949 (MRI's low-level statistics are not ImageNet's), so off by default
+    # pretrained early blocks (stride <= 4) frozen while fine-tuning: ~1.4x faster epochs on a CPU, but less
+    # accurate (Figshare 5-fold 0.9315 instead of 0.9349; MRI's low-level statistics are not ImageNet's)
     freeze_early: bool = False
     cache_head_features: bool = True  # head-only epochs train on backbone features computed once: ~5x cheaper
     low_res: int = 160  # progressive resizing: unfrozen epochs before the last full_res_epochs run at this size
