@@ -9,7 +9,7 @@ Model: MobileNetV2 from the shared ImageNet weights, AdamW, cosine schedule, 224
 * naive: the notebook loop — PIL decode + resize of every image every epoch, torchvision.transforms.v2
   augmentation, NCHW float32, all layers trained from the first epoch;
 * brainscan: ``brainscan.train`` with its defaults (decode once into a uint8 cache, channels-last, a head-only
-  epoch on cached backbone features, memory-bounded passes, progressive resizing 160 → 224 px with the last
+  epoch on cached backbone features, memory-bounded passes, progressive resizing 192 → 224 px with the last
   quarter of the epochs at full resolution);
 * brainscan-fast: the same with the small-CPU option ``freeze_early`` (pretrained early blocks stay frozen).
 

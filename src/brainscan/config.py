@@ -75,7 +75,10 @@ class TrainConfig:
     # accurate (Figshare 5-fold 0.9315 instead of 0.9349; MRI's low-level statistics are not ImageNet's)
     freeze_early: bool = False
     cache_head_features: bool = True  # head-only epochs train on backbone features computed once: ~5x cheaper
-    low_res: int = 160  # progressive resizing: unfrozen epochs before the last full_res_epochs run at this size
+    # progressive resizing: unfrozen epochs before the last full_res_epochs run at this size. 192 rather than 160:
+    # the smaller jump to 224 px loses less training accuracy at the switch. Figshare fold 1: 0.954 (seed 0) and
+    # 0.937 (seed 1), against 0.940 at 160 px (seed 0); 160 makes those epochs ~25% faster
+    low_res: int = 192
     # final epochs at image_size, so the model ends adapted to the resolution it serves (None: the last quarter)
     full_res_epochs: int | None = None
     # a CPU batch with more pixels than this goes through the model in slices whose gradients add up (BatchNorm
