@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import log_loss
 from torch import nn
 from typer.testing import CliRunner
 
@@ -235,7 +236,7 @@ def test_reliability_diagram_bins_reproduce_the_ece(case: str) -> None:
     assert expected_calibration_error(probs, targets) == pytest.approx(float(from_bins), abs=1e-5)
 
 
-def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model() -> None:
+def test_temperature_scaling_lowers_the_nll_and_calibration_error_of_an_overconfident_model() -> None:
     rng = np.random.default_rng(0)
     n, classes = 4000, 3
     calibrated = rng.normal(size=(n, classes)) * 1.5
@@ -247,6 +248,9 @@ def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_mo
     before = expected_calibration_error(softmax(overconfident[test]), targets[test])
     after = expected_calibration_error(softmax(overconfident[test], temperature), targets[test])
     assert after < before / 3
+    nll_before = log_loss(targets[test], softmax(overconfident[test]), labels=range(classes))
+    nll_after = log_loss(targets[test], softmax(overconfident[test], temperature), labels=range(classes))
+    assert nll_after < nll_before
 
 
 def test_macs_of_a_known_network() -> None:
