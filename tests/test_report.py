@@ -245,12 +245,12 @@ def test_temperature_scaling_lowers_the_nll_and_calibration_error_of_an_overconf
     val, test = slice(0, n // 2), slice(n // 2, n)
     temperature = fit_temperature(torch.from_numpy(overconfident[val]).float(), torch.from_numpy(targets[val]))
     assert temperature == pytest.approx(4.0, rel=0.15)
-    before = expected_calibration_error(softmax(overconfident[test]), targets[test])
-    after = expected_calibration_error(softmax(overconfident[test], temperature), targets[test])
+    probs_before, probs_after = softmax(overconfident[test]), softmax(overconfident[test], temperature)
+    before = expected_calibration_error(probs_before, targets[test])
+    after = expected_calibration_error(probs_after, targets[test])
     assert after < before / 3
-    nll_before = log_loss(targets[test], softmax(overconfident[test]), labels=range(classes))
-    nll_after = log_loss(targets[test], softmax(overconfident[test], temperature), labels=range(classes))
-    assert nll_after < nll_before
+    labels = range(classes)
+    assert log_loss(targets[test], probs_after, labels=labels) < log_loss(targets[test], probs_before, labels=labels)
 
 
 def test_macs_of_a_known_network() -> None:
