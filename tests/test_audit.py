@@ -24,6 +24,7 @@ from brainscan.data.audit import (
     keep_one_per_group,
 )
 from brainscan.data.readers import read_image
+from brainscan.labels import labels_conflict
 
 from .conftest import shared_path
 
@@ -88,6 +89,37 @@ def test_generated_copies_are_grouped_by_the_weakest_link_and_distinct_slices_ar
     assert counts["groups"] == {"exact": 1, "pixel": 1, "near": 1, "total": 3}
     assert counts["conflicting_label_groups"]["count"] == 1  # s0 sits in yes/ and no/
     assert counts["leaking_groups"]["count"] == 0  # class folders have no splits
+
+
+def test_labels_conflict_within_a_vocabulary_or_about_tumour_presence_but_not_across_synonyms() -> None:
+    yes_no, four = {"no", "yes"}, {"notumor", "glioma", "meningioma", "pituitary"}
+    assert labels_conflict("glioma", four, "meningioma", four)
+    assert not labels_conflict("no", yes_no, "notumor", four)
+    assert not labels_conflict("yes", yes_no, "glioma", four)
+    assert labels_conflict("yes", yes_no, "notumor", four)
+    assert labels_conflict("glioma", four, "meningioma", {"glioma", "meningioma", "pituitary"})
+
+
+def test_audit_across_datasets_reports_real_label_conflicts_only(tmp_path: Path) -> None:
+    yes_no, four, three = tmp_path / "yesno", tmp_path / "four", tmp_path / "three"
+    placements = {  # slice seed → where copies of it sit
+        1: [yes_no / "no", four / "notumor"],  # synonyms: agree
+        2: [yes_no / "yes", four / "glioma"],  # a tumour either way: agree
+        3: [yes_no / "yes", four / "notumor"],  # tumour vs none: conflict
+        4: [four / "glioma", three / "meningioma"],  # class names both datasets use: conflict
+        5: [four / "pituitary", three / "pituitary"],
+        6: [three / "glioma"],
+        7: [four / "meningioma"],
+    }
+    for seed, folders in placements.items():
+        for folder in folders:
+            _save(_smooth_slice(seed), folder / f"s{seed}.png")
+    counts = audit_duplicates(four, against=[yes_no, three]).counts()
+    assert counts["groups"]["total"] == 5
+    conflicts = sorted(tuple(g["labels"]) for g in counts["conflicting_label_groups"]["groups"])
+    assert conflicts == [("glioma", "meningioma"), ("notumor", "yes")]
+    per_class = {k: v["groups"] for k, v in counts["per_class"].items()}
+    assert per_class == {"glioma/yes": 1, "no/notumor": 1, "pituitary": 1}
 
 
 def test_duplicate_groups_gives_copies_one_id_for_splitting(tmp_path: Path) -> None:

@@ -18,24 +18,14 @@ from sklearn.metrics import (
 )
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from .labels import is_negative
+
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
-NEGATIVE_NAMES = {
-    "no",
-    "notumor",
-    "no_tumor",
-    "no-tumor",
-    "no tumor",
-    "no_tumour",
-    "notumour",
-    "normal",
-    "healthy",
-    "negative",
-}
 
 
 def negative_class(class_names: Sequence[str]) -> int | None:
     """Index of the 'no tumour' class when exactly one class name says so."""
-    hits = [i for i, c in enumerate(class_names) if c.strip().lower() in NEGATIVE_NAMES]
+    hits = [i for i, c in enumerate(class_names) if is_negative(c)]
     return hits[0] if len(hits) == 1 else None
 
 

@@ -77,6 +77,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BrainscanError
+from ..labels import labels_conflict
 from .ingest import file_sha1, scan_dataset
 from .readers import ImageReadError, read_image
 
@@ -176,15 +177,21 @@ class AuditResult:
         per_class: dict[str, dict[str, int]] = {}
         per_pair: Counter[str] = Counter()
         conflicting, leaking, cross_split, cross_dataset = [], [], 0, 0
+        vocabulary: defaultdict[str, set[str]] = defaultdict(set)
+        for f in self.files:
+            vocabulary[f.dataset].add(f.label)
         for group in self.groups:
             members = [self.files[i] for i in group.members]
             groups[group.kind] += 1
             redundant[group.kind] += len(members) - 1
             labels = sorted({f.label for f in members})
-            if len(labels) > 1:
+            named = sorted({(f.dataset, f.label) for f in members})
+            if any(
+                labels_conflict(a, vocabulary[da], b, vocabulary[db]) for (da, a), (db, b) in combinations(named, 2)
+            ):
                 conflicting.append({"group_id": group.id, "labels": labels})
-            else:
-                entry = per_class.setdefault(labels[0], {"groups": 0, "redundant_files": 0})
+            else:  # one label, or names of different datasets that agree ("no" and "notumor")
+                entry = per_class.setdefault("/".join(labels), {"groups": 0, "redundant_files": 0})
                 entry["groups"] += 1
                 entry["redundant_files"] += len(members) - 1
             locations = self.locations(group)
@@ -220,6 +227,8 @@ class AuditResult:
                 f"correlation >= {NEAR_MIN_CORRELATION}",
                 "kind": "weakest link needed to connect the group: exact < pixel < near",
                 "leaking": "a group whose files sit in more than one split or dataset",
+                "conflicting": "different labels within a dataset or shared class names; across datasets whose "
+                "class names differ, labels that disagree about tumour presence (no vs notumor agree)",
             },
         }
 
