@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from brainscan.cli import app
+from brainscan.config import RunConfig
 
 from .conftest import write_class_folders
 
@@ -26,6 +27,20 @@ def trained_run(yes_no_folder: Path, tmp_path: Path) -> Path:
     assert result.exit_code == 0, result.output
     assert f"Run directory: {out}" in result.output
     return out
+
+
+@pytest.mark.parametrize(("flags", "frozen"), [([], True), (["--train-early-layers"], False)])
+def test_train_keeps_pretrained_early_layers_frozen_unless_asked(
+    flags: list[str], frozen: bool, yes_no_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(yes_no_folder), "--model", "cnn", "--out", str(out), "--epochs", "1",
+         "--image-size", "32", "--quiet", *flags],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert RunConfig.load(out / "config.yaml").train.freeze_early is frozen
 
 
 def test_train_evaluate_predict_from_the_command_line(trained_run: Path, yes_no_folder: Path) -> None:

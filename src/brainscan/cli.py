@@ -84,7 +84,8 @@ def train(
     freeze_early_layers: Annotated[
         bool,
         typer.Option(
-            "--freeze-early-layers", help="Keep the pretrained early blocks frozen (1.4x faster on CPU, less accurate)."
+            "--freeze-early-layers/--train-early-layers",
+            help="Keep the pretrained early blocks (stride <= 4) frozen, or train every layer (slower on a CPU).",
         ),
     ] = T.freeze_early,
     label_smoothing: Annotated[float, typer.Option()] = T.label_smoothing,
