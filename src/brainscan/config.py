@@ -83,8 +83,8 @@ class TrainConfig:
     # final epochs at image_size, so the model ends adapted to the resolution it serves (None: the last quarter)
     full_res_epochs: int | None = None
     # a CPU batch with more pixels than this goes through the model in slices whose gradients add up (BatchNorm
-    # sees each slice): 16 images at 160 px, 8 at 224. MobileNetV2 on the 7,023-image set peaks at 2.7 instead of
-    # 3.3 GB and is no slower (0: never split; a GPU never splits)
+    # sees each slice): 16 images at 160 px, 8 at 224. At 224 px MobileNetV2 on the 7,023-image set peaked at 2.7
+    # instead of 3.3 GB and was no slower (0: never split; a GPU never splits)
     cpu_pass_pixels: int = 16 * 160 * 160
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping after this many epochs without improvement (0: off)
