@@ -69,3 +69,53 @@ def test_tta_averages_the_slice_and_its_mirror_image_only(tiny_run: Path) -> Non
     mirrored = np.ascontiguousarray(slices[..., ::-1])
     expected = (predictor.predict_proba(slices) + predictor.predict_proba(mirrored)) / 2
     np.testing.assert_allclose(predictor.predict_proba(slices, tta=True), expected, atol=1e-5)
+
+
+class _NormalisesFirst(torch.nn.Module):
+    """A model whose first convolution does not read the input directly, so it must not be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.flip(-1)).mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("arch", "mean", "std", "folded"),
+    [
+        ("cnn", (0.5,) * 3, (0.5,) * 3, True),
+        ("mobilenet_v2", (0.4,) * 3, (0.2,) * 3, True),
+        ("mobilenet_v2", None, None, False),
+    ],
+)
+def test_grey_input_is_folded_into_the_first_convolution_without_changing_outputs(
+    arch: str, mean: tuple | None, std: tuple | None, folded: bool
+) -> None:
+    from brainscan.data.transforms import Preprocess
+    from brainscan.export import ExportWrapper, GreyStem
+    from brainscan.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, 3).eval()
+    for module in model.modules():  # non-trivial statistics and logits, so a wrong offset shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight)
+    preprocess = Preprocess(37, mean or IMAGENET_MEAN, std or IMAGENET_STD)  # odd size: padding at every border
+    wrapper = ExportWrapper(model, preprocess).eval()
+    x = torch.randint(0, 256, (2, 1, 37, 37)).float()
+    normalised = (x.expand(-1, 3, -1, -1) / 255 - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(
+        preprocess.std
+    ).view(1, 3, 1, 1)
+    assert wrapper.folded is folded  # ImageNet's per-channel normalisation gives three different channels
+    with torch.no_grad():
+        if folded:
+            stem = next(name for name, m in wrapper.model.named_modules() if isinstance(m, GreyStem))
+            assert isinstance(model.get_submodule(stem), torch.nn.Conv2d)  # the caller's model is left as it is
+            torch.testing.assert_close(wrapper.model.get_submodule(stem)(x), model.get_submodule(stem)(normalised))
+        torch.testing.assert_close(wrapper(x), model(normalised), rtol=1e-4, atol=1e-4)
+
+    assert not ExportWrapper(_NormalisesFirst().eval(), Preprocess(37, (0.5,) * 3, (0.5,) * 3)).folded

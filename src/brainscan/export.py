@@ -1,8 +1,9 @@
 """Export a checkpoint to ONNX or TorchScript, verified against PyTorch at export time.
 
 The exported graph takes prepared slices as ``float32`` N×1×S×S in 0..255 and returns logits: normalisation and
-channel expansion are inside the graph, so a runtime needs no torch. Class names, preprocessing and calibration
-are written beside it (``<name>.json``) and, for ONNX, also into the model's metadata.
+channel expansion (folded into the first convolution where it can be) are inside the graph, so a runtime needs
+no torch. Class names, preprocessing and calibration are written beside it (``<name>.json``) and, for ONNX, also
+into the model's metadata.
 """
 
 from __future__ import annotations
@@ -29,19 +30,82 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 PARITY_TOLERANCE = 1e-4
 
 
+class GreyStem(nn.Module):
+    """A model's first convolution, applied to the grey slice instead of its normalised three-channel copy.
+
+    With the same normalisation on every channel, x·a − b, the channels are identical: the stem's weights sum
+    over them, the scale joins the weights, the offset joins the bias, and zero padding of the normalised image
+    becomes padding of the raw one with b / a. Same output (to float rounding), a third of the widest layer's
+    input, and the convolution still fuses with the BatchNorm after it.
+    """
+
+    def __init__(self, conv: nn.Conv2d, scale: float, shift: float) -> None:
+        super().__init__()
+        weight = conv.weight.detach().sum(1, keepdim=True)
+        self.pad = [p for p in reversed(conv.padding) for _ in (0, 1)]  # F.pad order: last dimension first
+        self.fill = shift / scale
+        self.conv = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation)
+        self.conv.weight.data = weight * scale
+        bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+        self.conv.bias.data = bias - shift * weight.sum((1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(nn.functional.pad(x, self.pad, value=self.fill))
+
+
+def _stem(model: nn.Module, channels: int, size: int) -> str | None:
+    """Dotted name of the convolution that reads the model's input directly, when it can be folded."""
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        return None
+    name, conv = first
+    if (
+        conv.groups != 1
+        or conv.in_channels != channels
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    ):
+        return None
+    seen: list[bool] = []
+    x = torch.zeros(1, channels, size, size, device=conv.weight.device)
+    hook = conv.register_forward_pre_hook(lambda _, args: seen.append(args[0] is x))
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)  # eval: the probe must not move BatchNorm's running statistics
+    finally:
+        hook.remove()
+        model.train(training)
+    return name if seen == [True] else None
+
+
 class ExportWrapper(nn.Module):
-    """Raw slice (N×1×S×S, 0..255) → logits, with the checkpoint's normalisation baked in."""
+    """Raw slice (N×1×S×S, 0..255) → logits, with the checkpoint's normalisation baked in.
+
+    Where every channel is normalised alike (the ``cnn``) and the model's first layer is a plain convolution of
+    its input, the grey-to-channels expansion is folded into it (:class:`GreyStem`, on a copy of the model).
+    """
 
     def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
-        self.model = model
         self.channels = preprocess.channels
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(preprocess.std).view(1, -1, 1, 1)))
-        self.register_buffer(
-            "shift", torch.tensor(preprocess.mean).view(1, -1, 1, 1) / torch.tensor(preprocess.std).view(1, -1, 1, 1)
-        )
+        scale = 1.0 / (255.0 * torch.tensor(preprocess.std))
+        shift = torch.tensor(preprocess.mean) / torch.tensor(preprocess.std)
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.view(1, -1, 1, 1))
+        uniform = len(set(preprocess.mean)) == 1 and len(set(preprocess.std)) == 1
+        stem = _stem(model, self.channels, preprocess.image_size) if uniform else None
+        self.folded = stem is not None
+        if stem is not None:
+            model = copy.deepcopy(model)
+            parent, _, child = stem.rpartition(".")
+            folded = GreyStem(model.get_submodule(stem), float(scale[0]), float(shift[0]))
+            setattr(model.get_submodule(parent) if parent else model, child, folded)
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.model(x)
         x = x.expand(-1, self.channels, -1, -1)
         return self.model(x * self.scale - self.shift)
 
