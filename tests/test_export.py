@@ -105,7 +105,9 @@ def test_grey_input_is_folded_into_the_first_convolution_without_changing_output
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight)
     preprocess = Preprocess(37, mean or IMAGENET_MEAN, std or IMAGENET_STD)  # odd size: padding at every border
+    rng = torch.get_rng_state()
     wrapper = ExportWrapper(model, preprocess).eval()
+    assert torch.equal(torch.get_rng_state(), rng)  # training validates through it: its randomness is untouched
     x = torch.randint(0, 256, (2, 1, 37, 37)).float()
     normalised = (x.expand(-1, 3, -1, -1) / 255 - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(
         preprocess.std

@@ -44,7 +44,9 @@ class GreyStem(nn.Module):
         weight = conv.weight.detach().sum(1, keepdim=True)
         self.pad = [p for p in reversed(conv.padding) for _ in (0, 1)]  # F.pad order: last dimension first
         self.fill = shift / scale
-        self.conv = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation)
+        # skip_init: drawing initial weights would move the global RNG, and with it a training run that validates
+        # through this graph
+        self.conv = nn.utils.skip_init(nn.Conv2d, 1, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation)
         self.conv.weight.data = weight * scale
         bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
         self.conv.bias.data = bias - shift * weight.sum((1, 2, 3))
