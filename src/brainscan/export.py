@@ -46,9 +46,11 @@ class GreyStem(nn.Module):
         self.fill = shift / scale
         # skip_init: drawing initial weights would move the global RNG, and with it a training run that validates
         # through this graph
-        self.conv = nn.utils.skip_init(nn.Conv2d, 1, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation)
+        self.conv = nn.utils.skip_init(
+            nn.Conv2d, 1, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation, device=weight.device
+        )
         self.conv.weight.data = weight * scale
-        bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+        bias = torch.zeros_like(weight[:, 0, 0, 0]) if conv.bias is None else conv.bias.detach()
         self.conv.bias.data = bias - shift * weight.sum((1, 2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
