@@ -93,7 +93,7 @@ class _NormalisesFirst(torch.nn.Module):
 def test_grey_input_is_folded_into_the_first_convolution_without_changing_outputs(
     arch: str, mean: tuple | None, std: tuple | None, folded: bool
 ) -> None:
-    from brainscan.data.transforms import Preprocess
+    from brainscan.data.transforms import Preprocess, to_model_input
     from brainscan.export import ExportWrapper, GreyStem
     from brainscan.models import IMAGENET_MEAN, IMAGENET_STD, create_model
 
@@ -108,10 +108,8 @@ def test_grey_input_is_folded_into_the_first_convolution_without_changing_output
     rng = torch.get_rng_state()
     wrapper = ExportWrapper(model, preprocess).eval()
     assert torch.equal(torch.get_rng_state(), rng)  # training validates through it: its randomness is untouched
-    x = torch.randint(0, 256, (2, 1, 37, 37)).float()
-    normalised = (x.expand(-1, 3, -1, -1) / 255 - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(
-        preprocess.std
-    ).view(1, 3, 1, 1)
+    slices = torch.randint(0, 256, (2, 1, 37, 37), dtype=torch.uint8)
+    x, normalised = slices.float(), to_model_input(slices, preprocess)  # what training feeds the model
     assert wrapper.folded is folded  # ImageNet's per-channel normalisation gives three different channels
     with torch.no_grad():
         if folded:

@@ -24,6 +24,7 @@ from .data.ingest import load_images
 from .data.splits import read_split_file
 from .data.transforms import Preprocess
 from .errors import BrainscanError
+from .models import replace_module
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -102,9 +103,7 @@ class ExportWrapper(nn.Module):
         self.folded = stem is not None
         if stem is not None:
             model = copy.deepcopy(model)
-            parent, _, child = stem.rpartition(".")
-            folded = GreyStem(model.get_submodule(stem), float(scale[0]), float(shift[0]))
-            setattr(model.get_submodule(parent) if parent else model, child, folded)
+            replace_module(model, stem, GreyStem(model.get_submodule(stem), float(scale[0]), float(shift[0])))
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,8 @@ register_model(
 )
 
 
-def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``dotted`` inside ``model`` (e.g. ``features.0.0``)."""
     parent_name, _, child = dotted.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -236,9 +237,9 @@ def create_model(name: str, num_classes: int, weights: str | None = None, *, dro
     if weights:
         load_pretrained(model, spec, weights)
     old = model.get_submodule(spec.classifier)
-    _set_module(model, spec.classifier, nn.Linear(old.in_features, num_classes))
+    replace_module(model, spec.classifier, nn.Linear(old.in_features, num_classes))
     if dropout is not None and spec.dropout_module:
-        _set_module(model, spec.dropout_module, nn.Dropout(dropout))
+        replace_module(model, spec.dropout_module, nn.Dropout(dropout))
     return model
 
 
