@@ -88,10 +88,11 @@ class ExportWrapper(nn.Module):
     """Raw slice (N×1×S×S, 0..255) → logits, with the checkpoint's normalisation baked in.
 
     Where every channel is normalised alike (the ``cnn``) and the model's first layer is a plain convolution of
-    its input, the grey-to-channels expansion is folded into it (:class:`GreyStem`, on a copy of the model).
+    its input, the grey-to-channels expansion is folded into it (:class:`GreyStem`, on a copy of the model unless
+    ``owned`` says the caller's model is already a private copy).
     """
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
+    def __init__(self, model: nn.Module, preprocess: Preprocess, *, owned: bool = False) -> None:
         super().__init__()
         self.channels = preprocess.channels
         scale = 1.0 / (255.0 * torch.tensor(preprocess.std))
@@ -102,7 +103,7 @@ class ExportWrapper(nn.Module):
         stem = _stem(model, self.channels, preprocess.image_size) if uniform else None
         self.folded = stem is not None
         if stem is not None:
-            model = copy.deepcopy(model)
+            model = model if owned else copy.deepcopy(model)
             replace_module(model, stem, GreyStem(model.get_submodule(stem), float(scale[0]), float(shift[0])))
         self.model = model
 
@@ -203,7 +204,7 @@ def _write_onnx(wrapper: ExportWrapper, size: int, target: str | io.BytesIO) -> 
 
 def onnx_bytes(model: nn.Module, preprocess: Preprocess) -> bytes:
     """An in-memory ONNX graph of ``model`` (a CPU copy in eval mode; ``model`` itself is left as it is)."""
-    wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), preprocess).eval()
+    wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), preprocess, owned=True).eval()
     buffer = io.BytesIO()
     _write_onnx(wrapper, preprocess.image_size, buffer)
     return buffer.getvalue()
