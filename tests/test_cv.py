@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig
 from brainscan.cv import assign_folds, cross_validate
+from brainscan.data.readers import read_image
 
-from .conftest import write_class_folders
+from .conftest import shared_path, write_class_folders
 
 
 def _patient_index(tmp_path: Path) -> Path:
@@ -60,3 +63,37 @@ def test_a_fold_column_with_k_values_is_used_as_the_folds() -> None:
     given = ["1", "2", "10", "2", "1", "10"]
     folds, method = assign_folds(np.zeros(6, int), np.arange(6), given, folds=3, seed=0)
     assert folds.tolist() == [1, 2, 3, 2, 1, 3] and method == "the data's own folds"
+
+
+def test_cv_keeps_mirrored_copies_of_a_slice_in_one_fold(tmp_path: Path) -> None:
+    figshare = shared_path("figshare-cheng")
+    with (figshare / "index.csv").open(newline="") as f:
+        picked = list(csv.DictReader(f))[::60]  # 52 distinct slices of the three classes
+    data = tmp_path / "data"
+    copies = {}
+    for i, row in enumerate(picked):
+        name = Path(row["path"]).name
+        (data / row["label"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(figshare / row["path"], data / row["label"] / name)
+        if i % 5 == 0:  # a left-right mirrored copy under another name and format, as in the 4-class set
+            copy = f"{row['label']}/{Path(name).stem}-mirrored.png"
+            Image.fromarray(np.fliplr(read_image(figshare / row["path"]))).save(data / copy)
+            copies[f"{row['label']}/{name}"] = copy
+    config = RunConfig(
+        data=DataConfig(root=str(data), image_size=64),
+        out=str(tmp_path / "cv"),
+        model=ModelConfig(name="cnn"),
+        train=TrainConfig(epochs=1, batch_size=16, seed=0),
+        quiet=True,
+    )
+    summary = cross_validate(config, folds=3)
+    test_fold: dict[str, int] = {}
+    for k in (1, 2, 3):
+        with (tmp_path / "cv" / f"fold-{k}" / "fold-index.csv").open(newline="") as f:
+            rows = {r["path"]: r for r in csv.DictReader(f)}
+        for original, copy in copies.items():
+            assert rows[copy]["group"] == rows[original]["group"] and rows[copy]["split"] == rows[original]["split"]
+        test_fold.update({path: k for path, r in rows.items() if r["split"] == "test"})
+    assert all(test_fold[original] == test_fold[copy] for original, copy in copies.items())
+    assert summary["protocol"]["duplicate_sets_straddling_folds"] == 0
+    assert "near copies" in summary["protocol"]["grouping"]

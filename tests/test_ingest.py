@@ -61,6 +61,17 @@ def test_index_csv_in_the_data_folder_is_used_automatically(tmp_path: Path) -> N
     assert scan_dataset(tmp_path).layout == "index"
 
 
+def test_an_index_csv_given_as_the_data_argument_is_read_as_the_index(tmp_path: Path) -> None:
+    write_class_folders(tmp_path / "images", {"a": 2, "b": 2})
+    rows = [(p.relative_to(tmp_path).as_posix(), p.parent.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
+    (tmp_path / "meta.csv").write_text("path,label\n" + "\n".join(f"{p},{lab}" for p, lab in rows) + "\n")
+    ds = scan_dataset(tmp_path / "meta.csv")
+    assert ds.layout == "index" and ds.root == tmp_path and len(ds.records) == 4
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(BrainscanError, match="notes.txt: is a file"):
+        scan_dataset(tmp_path / "notes.txt")
+
+
 def test_index_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "i.csv").write_text("file,label\nx.png,a\n")
     with pytest.raises(BrainscanError, match="missing column 'path'"):

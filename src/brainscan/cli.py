@@ -56,7 +56,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @friendly_errors
 def train(
     data: Annotated[
-        Path | None, typer.Option(help="Image folder: class folders, split folders or an index's base.")
+        Path | None, typer.Option(help="Image folder (class folders, split folders, an index's base) or an index CSV.")
     ] = None,
     out: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("runs/latest"),
     index: Index = None,
@@ -115,7 +115,10 @@ def train(
         bool, typer.Option("--no-crop", help="Keep the black background instead of cropping to the head.")
     ] = False,
     keep_duplicates_apart: Annotated[
-        bool, typer.Option("--ignore-duplicates", help="Do not group byte-identical files when splitting.")
+        bool,
+        typer.Option(
+            "--ignore-duplicates", help="Do not keep duplicate sets (exact, pixel, near copies) in one split."
+        ),
     ] = False,
     val_fraction: Annotated[float, typer.Option()] = D.val_fraction,
     test_fraction: Annotated[float, typer.Option()] = D.test_fraction,
@@ -186,7 +189,9 @@ def _data_config(data: Path | None, index: Path | None, cache_dir: Path | None, 
 @app.command()
 @friendly_errors
 def cv(
-    data: Annotated[Path | None, typer.Option(help="Image folder (any layout) or an index's base.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Image folder (any layout), an index's base, or an index CSV.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the fold runs and cv_metrics.json.")] = Path("runs/cv"),
     index: Index = None,
     group_column: GroupColumn = None,
@@ -200,7 +205,8 @@ def cv(
     image_size: Annotated[int, typer.Option()] = D.image_size,
     batch_size: Annotated[int, typer.Option()] = T.batch_size,
     keep_duplicates_apart: Annotated[
-        bool, typer.Option("--ignore-duplicates", help="Do not keep byte-identical files in one fold.")
+        bool,
+        typer.Option("--ignore-duplicates", help="Do not keep duplicate sets (exact, pixel, near copies) in one fold."),
     ] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Decoded-image cache (default: inside --out).")] = None,
     device: Device = "auto",
@@ -498,7 +504,9 @@ def compare(
 @app.command()
 @friendly_errors
 def audit(
-    data: Annotated[Path, typer.Argument(help="Dataset folder: class folders, split folders or an index's base.")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset folder (class folders, split folders, an index's base) or an index CSV.")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for duplicates.csv and audit.json (created).")],
     against: Annotated[
         list[Path] | None,
@@ -528,7 +536,9 @@ def audit(
 @app.command("split")
 @friendly_errors
 def split_data(
-    data: Annotated[Path, typer.Argument(help="Dataset folder: class folders, split folders or an index's base.")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset folder (class folders, split folders, an index's base) or an index CSV.")
+    ],
     out: Annotated[Path, typer.Option(help="Split CSV to write: path,label,group,split.")],
     index: Index = None,
     group_column: GroupColumn = None,

@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from .config import RunConfig
 from .console import info, progress
 from .data.ingest import load_images, scan_dataset
-from .data.prepare import describe_skipped
+from .data.prepare import describe_skipped, slice_duplicate_groups
 from .data.splits import assign_splits, effective_groups
 from .errors import BrainscanError
 from .files import write_json
@@ -77,9 +77,12 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     records = [ds.records[i] for i in table.kept]
     class_names = sorted({r.label for r in records})
     labels = np.array([class_names.index(r.label) for r in records])
-    hashes = table.hashes if data.group_duplicates else None
-    duplicate_groups = effective_groups([None] * len(records), hashes)
-    all_groups = effective_groups([r.group for r in records], hashes)
+    # the same duplicate sets as train's split: exact, pixel and near copies (flips, rotations, re-encodings)
+    duplicates = (
+        slice_duplicate_groups(table.images, table.hashes, quiet=config.quiet) if data.group_duplicates else None
+    )
+    duplicate_groups = effective_groups([None] * len(records), duplicates)
+    all_groups = effective_groups([r.group for r in records], duplicates)
     given = [r.group for r in records] if data.group_column else None
     fold_of, method = assign_folds(labels, all_groups, given, folds=folds, seed=config.train.seed)
     straddling = sum(len(set(fold_of[duplicate_groups == g])) > 1 for g in np.unique(duplicate_groups))
@@ -123,7 +126,11 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
         "folds": folds,
         "fold_method": method,
         "grouping": (f"group column {data.group_column}" if data.group_column else "none")
-        + (" + byte-identical files (sha1)" if data.group_duplicates else ""),
+        + (
+            " + duplicate sets kept whole (exact, pixel and near copies incl. flips/rotations)"
+            if data.group_duplicates
+            else ""
+        ),
         "validation": "per fold, a stratified share of the training folds, duplicate sets kept whole",
         "duplicate_sets_straddling_folds": int(straddling),
         "n_images": len(records),

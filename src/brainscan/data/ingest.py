@@ -91,6 +91,8 @@ def scan_dataset(
         >>> ds.layout, ds.class_names
         ('class-folders', ['no', 'yes'])
     """
+    if index is None and root is not None and Path(root).suffix.lower() == ".csv" and Path(root).is_file():
+        index, root = Path(root), None  # an index given where a folder was expected: its paths are CSV-relative
     if index is None and root is not None and (Path(root) / "index.csv").is_file():
         index = Path(root) / "index.csv"
     if index is not None:
@@ -98,6 +100,8 @@ def scan_dataset(
     if root is None:
         raise BrainscanError("Give a data folder or an index CSV.")
     root = Path(root)
+    if root.is_file():
+        raise BrainscanError(f"{root}: is a file; give the folder of images, or an index CSV (path,label columns).")
     if not root.is_dir():
         raise BrainscanError(f"{root}: no such data folder.")
     if group_column:
