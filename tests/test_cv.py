@@ -80,7 +80,7 @@ def test_cv_keeps_mirrored_copies_of_a_slice_in_one_fold(tmp_path: Path) -> None
             Image.fromarray(np.fliplr(read_image(figshare / row["path"]))).save(data / copy)
             copies[f"{row['label']}/{name}"] = copy
     config = RunConfig(
-        data=DataConfig(root=str(data), image_size=64),
+        data=DataConfig(root=str(data), image_size=32),  # matching does not depend on the served size
         out=str(tmp_path / "cv"),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(epochs=1, batch_size=16, seed=0),

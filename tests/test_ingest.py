@@ -112,3 +112,25 @@ def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path: Path
     changed = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
     assert changed.images.mean() == pytest.approx(200, abs=1)
     assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_fingerprints_are_the_audits_of_the_full_resolution_file_and_are_cached(tmp_path: Path) -> None:
+    from brainscan.data.audit import fingerprint_files
+
+    write_class_folders(tmp_path / "data", {"a": 2}, size=96)
+    paths = sorted((tmp_path / "data").rglob("*.png"))
+    cache = tmp_path / "cache"
+    table = load_images(paths, image_size=32, cache_dir=cache, fingerprints=True)
+    audited = fingerprint_files(paths)
+    assert table.fingerprints is not None
+    for ours, theirs in zip(table.fingerprints, audited, strict=True):
+        assert not isinstance(theirs, str)
+        assert (ours.sha1, ours.pixels) == (theirs.sha1, theirs.pixels)
+        np.testing.assert_array_equal(ours.hashes, theirs.hashes)
+        np.testing.assert_array_equal(ours.thumb, theirs.thumb)
+    assert len(list(cache.glob("*-fingerprint-v*.npz"))) == 2
+    again = load_images(paths, image_size=32, cache_dir=cache, fingerprints=True)
+    assert again.fingerprints is not None
+    assert [f.pixels for f in again.fingerprints] == [f.pixels for f in table.fingerprints]
+    np.testing.assert_array_equal(again.fingerprints[0].hashes, table.fingerprints[0].hashes)
+    assert load_images(paths, image_size=32).fingerprints is None

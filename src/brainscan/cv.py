@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from .config import RunConfig
 from .console import info, progress
 from .data.ingest import load_images, scan_dataset
-from .data.prepare import describe_skipped, slice_duplicate_groups
+from .data.prepare import describe_skipped, duplicate_set_labels
 from .data.splits import assign_splits, effective_groups
 from .errors import BrainscanError
 from .files import write_json
@@ -64,6 +64,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
             crop_background=data.crop_background,
             cache_dir=cache,
             on_progress=advance,
+            fingerprints=data.group_duplicates,
         )
     if table.skipped:
         if data.strict:
@@ -78,9 +79,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     class_names = sorted({r.label for r in records})
     labels = np.array([class_names.index(r.label) for r in records])
     # the same duplicate sets as train's split: exact, pixel and near copies (flips, rotations, re-encodings)
-    duplicates = (
-        slice_duplicate_groups(table.images, table.hashes, quiet=config.quiet) if data.group_duplicates else None
-    )
+    duplicates = duplicate_set_labels(table.fingerprints) if table.fingerprints is not None else None
     duplicate_groups = effective_groups([None] * len(records), duplicates)
     all_groups = effective_groups([r.group for r in records], duplicates)
     given = [r.group for r in records] if data.group_column else None

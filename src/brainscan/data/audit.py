@@ -88,6 +88,7 @@ HASH_BANDS = 9  # 64-bit hash → 9 bands of 7 or 8 bits: every pair within Hamm
 NEAR_MAX_DISTANCE = 8  # pHash Hamming distance (even for median-thresholded hashes)
 NEAR_MIN_CORRELATION = 0.99  # Pearson correlation of the aligned 32×32 thumbnails
 NO_SPLIT = "unsplit"  # the location of files of a dataset without splits
+FINGERPRINT_VERSION = 1  # bump when a fingerprint's recipe changes, so cached fingerprints are recomputed
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,19 @@ class Fingerprint:
     hashes: np.ndarray  # 8 uint64 pHashes of the thumbnail, one per dihedral variant (see :func:`dihedral`)
     thumb: np.ndarray  # THUMB_SIZE×THUMB_SIZE float32, zero mean, unit variance (all zeros for a flat slice)
     flat: bool  # no contrast at all: matched only as an exact or pixel duplicate
+
+    def save(self, path: str | Path) -> None:
+        """Store as ``.npz`` (atomically: a reader never sees half a file)."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, pixels=np.array(self.pixels), hashes=self.hashes, thumb=self.thumb, flat=np.array(self.flat))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, sha1: str) -> Fingerprint:
+        """Read what :meth:`save` stored for the file whose bytes hash to ``sha1``."""
+        with np.load(path) as z:
+            return cls(sha1, str(z["pixels"]), z["hashes"].astype(np.uint64), z["thumb"], bool(z["flat"]))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BrainscanError
 from .readers import ImageReadError, is_supported, read_image
 from .transforms import prepare_slice
+
+if TYPE_CHECKING:
+    from .audit import Fingerprint
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -72,6 +76,7 @@ class ImageTable:
     hashes: list[str]  # sha1 of each file's bytes
     kept: list[int]  # indices into the record list
     skipped: list[tuple[str, str]]  # (path, reason)
+    fingerprints: list[Fingerprint] | None = None  # the audit's, of each decoded file (when asked for)
 
 
 def normalise_split(name: str, *, source: str) -> str:
@@ -186,44 +191,62 @@ def load_images(
     cache_dir: str | Path | None = None,
     on_progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    fingerprints: bool = False,
 ) -> ImageTable:
     """Decode and resize every file once (two threads: decoding releases the GIL).
 
-    With ``cache_dir``, prepared slices are stored as ``.npy`` files keyed by the file's content hash and the
-    preparation settings, so a changed file is decoded again and an unchanged one never is.
+    With ``fingerprints``, each file is also fingerprinted for duplicate matching at its own resolution, before
+    any cropping or resizing, exactly as ``brainscan audit`` does, so a run's duplicate sets are the audit's.
+    With ``cache_dir``, prepared slices (and fingerprints) are stored as ``.npy`` (``.npz``) files keyed by the
+    file's content hash and the preparation settings, so a changed file is decoded again and an unchanged one
+    never is.
     """
+    from .audit import FINGERPRINT_VERSION, Fingerprint, fingerprint_slice  # the audit builds on this module
+
     cache = Path(cache_dir) if cache_dir else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
 
-    def work(path: str | Path) -> tuple[np.ndarray | None, str, str | None]:
+    def work(path: str | Path) -> tuple[np.ndarray | None, str, str | None, Fingerprint | None]:
         try:
             digest = file_sha1(path)
         except OSError as exc:
-            return None, "", f"cannot read file ({exc.strerror or exc})"
+            return None, "", f"cannot read file ({exc.strerror or exc})", None
         cached = cache / f"{digest}-{image_size}-{int(crop_background)}.npy" if cache else None
-        if cached is not None and cached.is_file():
-            return np.load(cached), digest, None
+        cached_print = cache / f"{digest}-fingerprint-v{FINGERPRINT_VERSION}.npz" if cache and fingerprints else None
+        array = np.load(cached) if cached is not None and cached.is_file() else None
+        fingerprint = (
+            Fingerprint.load(cached_print, digest) if cached_print is not None and cached_print.is_file() else None
+        )
+        if array is not None and (fingerprint is not None or not fingerprints):
+            return array, digest, None, fingerprint
         try:
-            array = prepare_slice(read_image(path), image_size, crop_background=crop_background)
+            gray = read_image(path)
+            if array is None:
+                array = prepare_slice(gray, image_size, crop_background=crop_background)
+                if cached is not None:
+                    tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+                    np.save(tmp, array)
+                    os.replace(tmp, cached)
+            if fingerprints and fingerprint is None:
+                fingerprint = fingerprint_slice(gray, digest)
+                if cached_print is not None:
+                    fingerprint.save(cached_print)
         except ImageReadError as exc:
-            return None, digest, exc.reason
-        if cached is not None:
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, array)
-            os.replace(tmp, cached)
-        return array, digest, None
+            return None, digest, exc.reason, None
+        return array, digest, None, fingerprint
 
-    images, hashes, kept, skipped = [], [], [], []
+    images, hashes, kept, skipped, prints = [], [], [], [], []
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        for i, (array, digest, error) in enumerate(pool.map(work, paths)):
+        for i, (array, digest, error, fingerprint) in enumerate(pool.map(work, paths)):
             if error is None:
                 images.append(array)
                 hashes.append(digest)
                 kept.append(i)
+                prints.append(fingerprint)
             else:
                 skipped.append((str(paths[i]), error))
             if on_progress:
                 on_progress(1)
     stacked = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
-    return ImageTable(stacked, hashes, kept, skipped)
+    return ImageTable(stacked, hashes, kept, skipped, prints if fingerprints else None)

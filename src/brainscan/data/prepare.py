@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from ..console import info, progress
 from ..errors import BrainscanError
 from .ingest import load_images, scan_dataset
 from .splits import assign_splits, effective_groups, read_split_file
+
+if TYPE_CHECKING:
+    from .audit import Fingerprint
 
 
 @dataclass
@@ -40,16 +43,11 @@ def describe_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def slice_duplicate_groups(images: np.ndarray, hashes: list[str], *, quiet: bool = False) -> list[str]:
-    """A duplicate-set label per prepared slice, from the audit's matcher (exact bytes, same pixels, or the
-    same slice flipped, rotated, rescaled, re-encoded or mildly re-windowed)."""
-    from .audit import fingerprint_slice, group_fingerprints
+def duplicate_set_labels(fingerprints: list[Fingerprint]) -> list[str]:
+    """A duplicate-set label per file, from the audit's matcher (exact bytes, same pixels, or the same slice
+    flipped, rotated, rescaled, re-encoded or mildly re-windowed), for :func:`~.splits.effective_groups`."""
+    from .audit import group_fingerprints
 
-    with progress("Matching duplicates", len(images), quiet=quiet) as advance:
-        fingerprints = []
-        for image, digest in zip(images, hashes, strict=True):
-            fingerprints.append(fingerprint_slice(image, digest))
-            advance(1)
     return [f"duplicate-{int(g)}" for g in group_fingerprints(fingerprints).ids]
 
 
@@ -72,6 +70,7 @@ def prepare_data(
             crop_background=config.crop_background,
             cache_dir=config.cache_dir,
             on_progress=advance,
+            fingerprints=config.group_duplicates and split_file is None,
         )
     root_str = str(ds.root)
     skipped = [(p, r) for p, r in ds.skipped] + [
@@ -97,9 +96,7 @@ def prepare_data(
         description, straddling = "reused from " + Path(split_file).name, 0
         groups_of_duplicates = []
     else:
-        duplicates = (
-            slice_duplicate_groups(table.images, table.hashes, quiet=quiet) if config.group_duplicates else None
-        )
+        duplicates = duplicate_set_labels(table.fingerprints) if table.fingerprints is not None else None
         groups = effective_groups([r.group for r in records], duplicates)
         groups_of_duplicates = duplicates or []
         result = assign_splits(
@@ -132,7 +129,9 @@ def prepare_data(
         "grouping": " + ".join(grouping) or "none (images split independently)",
         "deduplication": "none: duplicates are kept (grouped, not removed)",
         "exact_duplicate_sets": duplicate_sets,
-        "duplicate_matching": "on (prepared slices)" if config.group_duplicates else "off (--ignore-duplicates)",
+        "duplicate_matching": "on (the audit's matcher, on each file at its own resolution)"
+        if config.group_duplicates
+        else "off (--ignore-duplicates)",
         "duplicate_sets": sum(1 for c in Counter(groups_of_duplicates).values() if c > 1),
         "groups_straddling_splits": straddling,
         "n_images": {name: int((splits == name).sum()) for name in ("train", "val", "test")},
