@@ -134,3 +134,17 @@ def test_fingerprints_are_the_audits_of_the_full_resolution_file_and_are_cached(
     assert [f.pixels for f in again.fingerprints] == [f.pixels for f in table.fingerprints]
     np.testing.assert_array_equal(again.fingerprints[0].hashes, table.fingerprints[0].hashes)
     assert load_images(paths, image_size=32).fingerprints is None
+
+
+def test_a_corrupt_cache_entry_is_rebuilt_not_fatal(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1))).save(image)
+    cache = tmp_path / "cache"
+    first = load_images([image], image_size=16, cache_dir=cache, fingerprints=True)
+    for entry in cache.iterdir():
+        entry.write_bytes(b"truncated")
+    again = load_images([image], image_size=16, cache_dir=cache, fingerprints=True)
+    assert again.skipped == []
+    np.testing.assert_array_equal(again.images, first.images)
+    assert again.fingerprints is not None and first.fingerprints is not None
+    assert again.fingerprints[0].pixels == first.fingerprints[0].pixels

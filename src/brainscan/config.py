@@ -31,9 +31,8 @@ class DataConfig:
     group_column: str | None = None  # index column whose values must never straddle splits (patient, cv_fold)
     val_fraction: float = 0.15  # the customary 70/15/15 split when the data bring none
     test_fraction: float = 0.15
-    group_duplicates: bool = (
-        True  # duplicate sets (exact, pixel, near copies) share a group: a copy never sits in two splits
-    )
+    # duplicate sets (exact, pixel and near copies, as the audit finds them) share a group: never in two splits
+    group_duplicates: bool = True
     strict: bool = False  # unreadable files are fatal instead of skipped-and-reported
     # served input size. 160 rather than ImageNet's 224: on Figshare's patient-wise folds MobileNetV2 at 160 px
     # (128-px epochs first) scores as well as at 224 (5-fold mean, see README) and trains ~3x faster on a CPU

@@ -16,11 +16,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from .transforms import prepare_slice
 
 if TYPE_CHECKING:
     from .audit import Fingerprint
+
+T = TypeVar("T")
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -183,6 +186,16 @@ def file_sha1(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _read_cached(path: Path | None, read: Callable[[Path], T]) -> T | None:
+    """A cache entry, or None when it is absent or unreadable (then it is rebuilt, never fatal)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def load_images(
     paths: Sequence[str | Path],
     *,
@@ -214,10 +227,8 @@ def load_images(
             return None, "", f"cannot read file ({exc.strerror or exc})", None
         cached = cache / f"{digest}-{image_size}-{int(crop_background)}.npy" if cache else None
         cached_print = cache / f"{digest}-fingerprint-v{FINGERPRINT_VERSION}.npz" if cache and fingerprints else None
-        array = np.load(cached) if cached is not None and cached.is_file() else None
-        fingerprint = (
-            Fingerprint.load(cached_print, digest) if cached_print is not None and cached_print.is_file() else None
-        )
+        array = _read_cached(cached, np.load)
+        fingerprint = _read_cached(cached_print, lambda p: Fingerprint.load(p, digest))
         if array is not None and (fingerprint is not None or not fingerprints):
             return array, digest, None, fingerprint
         try:
