@@ -8,7 +8,6 @@ half-written checkpoint.
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import BrainscanError
+from .files import write_atomic
 
 FORMAT_VERSION = 1
 REQUIRED = ("arch", "class_names", "preprocess", "model_state")
@@ -41,12 +41,8 @@ def library_versions() -> dict[str, str]:
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
     payload = {"format_version": FORMAT_VERSION, "versions": library_versions(), **payload}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -77,6 +77,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BrainscanError
+from ..files import write_atomic
 from ..labels import labels_conflict
 from .ingest import file_sha1, scan_dataset
 from .readers import ImageReadError, read_image
@@ -103,10 +104,13 @@ class Fingerprint:
 
     def save(self, path: str | Path) -> None:
         """Store as ``.npz`` (atomically: a reader never sees half a file)."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, pixels=np.array(self.pixels), hashes=self.hashes, thumb=self.thumb, flat=np.array(self.flat))
-        os.replace(tmp, path)
+        arrays = {
+            "pixels": np.array(self.pixels),
+            "hashes": self.hashes,
+            "thumb": self.thumb,
+            "flat": np.array(self.flat),
+        }
+        write_atomic(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | Path, sha1: str) -> Fingerprint:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from ..errors import BrainscanError
+from ..files import write_atomic
 from .readers import ImageReadError, is_supported, read_image
 from .transforms import prepare_slice
 
@@ -236,9 +237,7 @@ def load_images(
             if array is None:
                 array = prepare_slice(gray, image_size, crop_background=crop_background)
                 if cached is not None:
-                    tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
-                    np.save(tmp, array)
-                    os.replace(tmp, cached)
+                    write_atomic(cached, lambda f: np.save(f, array))
             if fingerprints and fingerprint is None:
                 fingerprint = fingerprint_slice(gray, digest)
                 if cached_print is not None:
