@@ -28,17 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from brainscan.data.audit import (
-    KINDS,
-    NEAR_MAX_DISTANCE,
-    NEAR_MIN_CORRELATION,
-    Fingerprint,
-    audit_duplicates,
-    dihedral,
-    fingerprint_slice,
-    hamming,
-    near_pairs,
-)
+from brainscan.data.audit import audit_duplicates
+from brainscan.data.duplicates import KINDS, NEAR_MAX_DISTANCE, NEAR_MIN_CORRELATION, hamming, near_pairs
+from brainscan.data.fingerprint import Fingerprint, dihedral, fingerprint_slice
 from brainscan.data.readers import read_image
 
 REPO = Path(__file__).resolve().parents[1]

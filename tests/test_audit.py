@@ -15,14 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from brainscan.cli import app
-from brainscan.data.audit import (
-    audit_duplicates,
-    candidate_pairs,
-    dihedral,
-    duplicate_groups,
-    hamming,
-    keep_one_per_group,
-)
+from brainscan.data.audit import audit_duplicates
+from brainscan.data.duplicates import candidate_pairs, duplicate_groups, hamming, keep_one_per_group
+from brainscan.data.fingerprint import dihedral
 from brainscan.data.readers import read_image
 from brainscan.labels import labels_conflict
 

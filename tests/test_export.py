@@ -93,8 +93,8 @@ class _NormalisesFirst(torch.nn.Module):
 def test_grey_input_is_folded_into_the_first_convolution_without_changing_outputs(
     arch: str, mean: tuple | None, std: tuple | None, folded: bool
 ) -> None:
+    from brainscan.backends import ExportWrapper, GreyStem
     from brainscan.data.transforms import Preprocess, to_model_input
-    from brainscan.export import ExportWrapper, GreyStem
     from brainscan.models import IMAGENET_MEAN, IMAGENET_STD, create_model
 
     torch.manual_seed(0)

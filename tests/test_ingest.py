@@ -115,7 +115,7 @@ def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path: Path
 
 
 def test_fingerprints_are_the_audits_of_the_full_resolution_file_and_are_cached(tmp_path: Path) -> None:
-    from brainscan.data.audit import fingerprint_files
+    from brainscan.data.duplicates import fingerprint_files
 
     write_class_folders(tmp_path / "data", {"a": 2}, size=96)
     paths = sorted((tmp_path / "data").rglob("*.png"))

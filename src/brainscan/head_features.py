@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import fast_backend, forward_batches
 from .data.transforms import Preprocess
 from .hardware import release_free_memory
 from .models import ModelSpec
-from .predict import fast_backend, forward_batches
 
 
 def extract_head_inputs(
@@ -31,7 +31,7 @@ def extract_head_inputs(
 ) -> torch.Tensor:
     """What the classifier layer receives for each image (N×F), or for ``images[indices]`` without copying them.
 
-    The network up to the classifier runs once, in eval mode, through :func:`~brainscan.predict.fast_backend`
+    The network up to the classifier runs once, in eval mode, through :func:`~brainscan.backends.fast_backend`
     (ONNX Runtime on a CPU); ``model`` itself is left untouched.
     """
     trunk = copy.deepcopy(model).eval()

@@ -1,112 +1,35 @@
 """Prediction: preprocessing, calibration and class names come from the checkpoint; backends (PyTorch,
-ONNX Runtime, TorchScript) differ only in the forward call."""
+ONNX Runtime, TorchScript, :mod:`brainscan.backends`) differ only in the forward call."""
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from .backends import (
+    Backend,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    TorchScriptBackend,
+    exported_path,
+    has_module,
+    resolve_device,
+)
 from .checkpoint import load_checkpoint
-from .data.readers import optional_import, pil_to_gray, read_image, to_uint8
-from .data.transforms import Preprocess, prepare_slice, to_model_input
+from .data.readers import pil_to_gray, read_image, to_uint8
+from .data.transforms import Preprocess, prepare_slice
 from .errors import BrainscanError
-from .hardware import available_cpus
 from .models import create_model
 
 BACKENDS = ("auto", "torch", "onnxruntime", "torchscript")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BrainscanError(f"device {device!r} requested but CUDA is not available.")
-    return torch.device(device)
-
-
-class Backend(Protocol):
-    name: str
-
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        """Prepared ``uint8`` slices N×S×S → float32 logits N×C."""
-        ...
-
-
-class TorchBackend:
-    name = "torch"
-
-    def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device) -> None:
-        self.device = device
-        self.model = model.to(device).to(memory_format=torch.channels_last).eval()
-        self.preprocess = preprocess
-
-    @torch.inference_mode()
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        if not slices.flags.writeable:  # torch.from_numpy warns on read-only memory (e.g. memory-mapped caches)
-            slices = slices.copy()
-        batch = torch.from_numpy(slices).unsqueeze(1).to(self.device, non_blocking=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(to_model_input(batch, self.preprocess))
-        return logits.float().cpu().numpy()
-
-
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
-
-    def __init__(self, model: str | Path | bytes, *, threads: int | None = None, memory_arena: bool = True) -> None:
-        ort = optional_import("onnxruntime", "onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cpus()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_cpu_mem_arena = memory_arena  # an arena keeps its peak until the session is gone
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: slices[:, None].astype(np.float32)})[0]
-
-
-def fast_backend(model: nn.Module, preprocess: Preprocess, device: torch.device) -> Backend:
-    """The quickest forward pass for a model in memory: ONNX Runtime on a CPU (MobileNetV2 at 224 px about 3x
-    eager PyTorch here), PyTorch on a GPU. ``model`` itself is not changed; the ONNX graph is built from a copy.
-    The session has no memory arena, so what a pass allocates is freed with it instead of kept at its peak."""
-    if device.type == "cpu" and _has_module("onnxruntime"):
-        from .export import onnx_bytes
-
-        try:
-            return OnnxRuntimeBackend(onnx_bytes(model, preprocess), memory_arena=False)
-        except Exception as exc:  # an exporter gap for some architecture must not stop a run: fall back
-            warnings.warn(f"ONNX Runtime path unavailable ({exc}); running PyTorch eagerly.", stacklevel=2)
-    return TorchBackend(model, preprocess, device)
-
-
-def forward_batches(
-    backend: Backend, images: np.ndarray, indices: np.ndarray | None = None, *, batch_size: int = 32
-) -> np.ndarray:
-    """``backend`` over ``images[indices]`` (all images when None) in batches, without copying the whole selection."""
-    order = np.arange(len(images)) if indices is None else np.asarray(indices)
-    return np.concatenate([backend(images[order[i : i + batch_size]]) for i in range(0, len(order), batch_size)])
-
-
-class TorchScriptBackend:
-    name = "torchscript"
-
-    def __init__(self, path: str | Path) -> None:
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    @torch.inference_mode()
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        return self.module(torch.from_numpy(slices).unsqueeze(1).float()).numpy()
 
 
 @dataclass(frozen=True)
@@ -185,15 +108,13 @@ class Predictor:
                 ``<checkpoint>.onnx`` sits beside the checkpoint and onnxruntime is installed, else torch).
             model_path: the exported model for the onnxruntime/torchscript backends (default: beside the checkpoint).
         """
-        from .export import exported_path
-
         if backend not in BACKENDS:
             raise BrainscanError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
         ckpt = load_checkpoint(path)
         preprocess = Preprocess.from_dict(ckpt["preprocess"])
         if backend == "auto":
             has_onnx = exported_path(path, "onnx").is_file()
-            backend = "onnxruntime" if has_onnx and _has_module("onnxruntime") else "torch"
+            backend = "onnxruntime" if has_onnx and has_module("onnxruntime") else "torch"
         if backend == "torch":
             model = create_model(ckpt["arch"], len(ckpt["class_names"]))
             model.load_state_dict(ckpt["model_state"])
@@ -309,9 +230,3 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from .backends import fast_backend, forward_batches, resolve_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .console import info, progress
@@ -46,7 +47,7 @@ from .models import (
     head_parameters,
     set_backbone_frozen,
 )
-from .predict import Predictor, fast_backend, forward_batches, resolve_device, softmax
+from .predict import Predictor, softmax
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 HISTORY_FIELDS = [
@@ -233,7 +234,7 @@ def _validate_served(
     device: torch.device,
     batch_size: int = 32,
 ) -> EpochOutput:
-    """Validation at the served resolution through :func:`~brainscan.predict.fast_backend` (ONNX Runtime on a
+    """Validation at the served resolution through :func:`~brainscan.backends.fast_backend` (ONNX Runtime on a
     CPU: a few times quicker than an eager pass, even with the export it needs first)."""
     backend = fast_backend(model, preprocess, device)
     logits = torch.from_numpy(forward_batches(backend, images, indices, batch_size=batch_size)).float()

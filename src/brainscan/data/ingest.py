@@ -21,17 +21,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import BrainscanError
 from ..files import write_atomic
+from .fingerprint import FINGERPRINT_VERSION, Fingerprint, fingerprint_slice
 from .readers import ImageReadError, is_supported, read_image
 from .transforms import prepare_slice
-
-if TYPE_CHECKING:
-    from .audit import Fingerprint
 
 T = TypeVar("T")
 
@@ -215,8 +213,6 @@ def load_images(
     file's content hash and the preparation settings, so a changed file is decoded again and an unchanged one
     never is.
     """
-    from .audit import FINGERPRINT_VERSION, Fingerprint, fingerprint_slice  # the audit builds on this module
-
     cache = Path(cache_dir) if cache_dir else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)

@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..config import DataConfig
 from ..console import info, progress
 from ..errors import BrainscanError
+from .duplicates import group_fingerprints
+from .fingerprint import Fingerprint
 from .ingest import load_images, scan_dataset
 from .splits import assign_splits, effective_groups, read_split_file
-
-if TYPE_CHECKING:
-    from .audit import Fingerprint
 
 
 @dataclass
@@ -46,8 +45,6 @@ def describe_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> str:
 def duplicate_set_labels(fingerprints: list[Fingerprint]) -> list[str]:
     """A duplicate-set label per file, from the audit's matcher (exact bytes, same pixels, or the same slice
     flipped, rotated, rescaled, re-encoded or mildly re-windowed), for :func:`~.splits.effective_groups`."""
-    from .audit import group_fingerprints
-
     return [f"duplicate-{int(g)}" for g in group_fingerprints(fingerprints).ids]
 
 

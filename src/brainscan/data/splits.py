@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ..errors import BrainscanError
+from .grouping import connected_groups, links_by_key
 
 SPLITS = ("train", "val", "test")
 
@@ -26,29 +27,13 @@ class SplitResult:
 
 
 def effective_groups(groups: Sequence[str | None], hashes: Sequence[str] | None) -> np.ndarray:
-    """Merge the given groups with exact-duplicate sets (same sha1) by union-find; returns one int per image."""
-    parent = list(range(len(groups)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_seen: dict[tuple[str, str], int] = {}
-    keys = [("group", g) for g in groups] + ([("sha1", h) for h in hashes] if hashes is not None else [])
-    for pos, key in enumerate(keys):
-        if key[1] is None:
-            continue
-        i = pos % len(groups)
-        if key in first_seen:
-            a, b = find(first_seen[key]), find(i)
-            parent[max(a, b)] = min(a, b)
-        else:
-            first_seen[key] = i
-    roots = [find(i) for i in range(len(groups))]
-    _, ids = np.unique(roots, return_inverse=True)
-    return ids
+    """Merge the given groups with duplicate sets (any per-image key, e.g. a sha1 or a duplicate-set label);
+    returns one int per image, numbered in order of each group's first image."""
+    a, b = links_by_key([None if g is None else ("group", g) for g in groups])
+    if hashes is not None:
+        c, d = links_by_key([None if h is None else ("set", h) for h in hashes])
+        a, b = np.concatenate([a, c]), np.concatenate([b, d])
+    return connected_groups(len(groups), a, b)
 
 
 def _carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
