@@ -141,7 +141,6 @@ def run_brainscan(index: Path | None, epochs: int, seed: int, out: Path, root: P
         out=str(out),
         model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
         train=TrainConfig(epochs=epochs, seed=seed, **recipe),
-        quiet=True,
     )
     start = time.time()
     result = train(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "figshare-cv")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if not FIGSHARE.is_dir() or not WEIGHTS.is_file():
         sys.exit(f"needs {FIGSHARE} and {WEIGHTS} (../shared beside the checkout)")
     config = RunConfig(
@@ -37,7 +39,6 @@ def main() -> None:
         out=str(args.out),
         model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
         train=TrainConfig(epochs=args.epochs, seed=args.seed),
-        quiet=args.quiet,
     )
     started = time.time()
     summary = cross_validate(config, folds=5)

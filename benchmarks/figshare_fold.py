@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
 import sys
 import time
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="write report.html and add its figures to the JSON")
     parser.add_argument("--methods", default="", help="comma-separated extra CAM methods to score (with --report)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if not FIGSHARE.is_dir() or not WEIGHTS.is_file():
         sys.exit(f"needs {FIGSHARE} and {WEIGHTS} (../shared beside the checkout)")
     out = args.out or REPO / "runs" / f"figshare-fold{args.fold}"
@@ -67,7 +69,6 @@ def main() -> None:
         out=str(out),
         model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
         train=TrainConfig(epochs=args.epochs, seed=args.seed),
-        quiet=args.quiet,
     )
     result = train(config)
     minutes = (time.time() - started) / 60

@@ -36,7 +36,6 @@ def test_cv_keeps_each_patient_in_one_test_fold(tmp_path: Path) -> None:
         out=str(tmp_path / "cv"),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(epochs=1, batch_size=16, seed=0),
-        quiet=True,
     )
     summary = cross_validate(config, folds=3)
     test_fold_of: dict[str, set[int]] = {}
@@ -84,7 +83,6 @@ def test_cv_keeps_mirrored_copies_of_a_slice_in_one_fold(tmp_path: Path) -> None
         out=str(tmp_path / "cv"),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(epochs=1, batch_size=16, seed=0),
-        quiet=True,
     )
     summary = cross_validate(config, folds=3)
     test_fold: dict[str, int] = {}

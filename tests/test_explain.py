@@ -232,7 +232,6 @@ def test_explain_command_writes_one_overlay_per_input(yes_no_folder: Path, tmp_p
         out=str(tmp_path / "run"),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(epochs=1, batch_size=16, seed=0),
-        quiet=True,
     )
     checkpoint = train(config).best_checkpoint
     images = sorted((yes_no_folder / "yes").glob("*.png"))[:2] + sorted((yes_no_folder / "no").glob("*.png"))[:1]

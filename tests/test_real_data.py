@@ -47,7 +47,6 @@ def _yes_no_run(tmp_path: Path, model: str, weights: str | None, epochs: int) ->
         out=str(tmp_path / model),
         model=ModelConfig(name=model, weights=weights),
         train=TrainConfig(epochs=epochs, seed=0, lr=1e-3 if weights else 2e-3),
-        quiet=True,
     )
 
 

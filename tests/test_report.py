@@ -69,7 +69,6 @@ def tiny_run(data: Path, out: Path, *, index: Path | None = None, **train_kwargs
         out=str(out),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, **train_kwargs}),
-        quiet=True,
     )
     return train(config).run_dir
 

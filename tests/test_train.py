@@ -21,7 +21,6 @@ def tiny_config(data: Path, out: Path, **train_kwargs) -> RunConfig:
         out=str(out),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, **train_kwargs}),
-        quiet=True,
     )
 
 

@@ -1,23 +1,23 @@
 """brainscan: brain-tumour MRI slice classification — research software, not a medical device."""
 
-__version__ = "0.1.0"
-
-DISCLAIMER = "Research software, not a medical device: brainscan's outputs must not be used for diagnosis or treatment."
-
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from .errors import BrainscanError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
-from .predict import Prediction, Predictor  # noqa: E402
-from .train import train  # noqa: E402
+from .about import DISCLAIMER, __version__
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import BrainscanError
+from .evaluate import evaluate
+from .models import create_model, list_models
+from .predict import Prediction, Predictor
+from .progress import Progress
+from .train import train
 
 __all__ = [
+    "__version__",
     "DISCLAIMER",
     "BrainscanError",
     "DataConfig",
     "ModelConfig",
     "Prediction",
     "Predictor",
+    "Progress",
     "RunConfig",
     "TrainConfig",
     "create_model",

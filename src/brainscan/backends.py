@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .data.readers import optional_import
-from .data.transforms import Preprocess, to_model_input
+from .data.transforms import Preprocess, resize_batch, to_model_input
 from .errors import BrainscanError
 from .hardware import available_cpus
 from .models import replace_module
@@ -46,10 +46,13 @@ class Backend(Protocol):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, preprocess: Preprocess, device: torch.device, *, input_size: int | None = None
+    ) -> None:
         self.device = device
         self.model = model.to(device).to(memory_format=torch.channels_last).eval()
         self.preprocess = preprocess
+        self.input_size = input_size  # a resolution other than the slices' (progressive resizing's validation)
 
     @torch.inference_mode()
     def __call__(self, slices: np.ndarray) -> np.ndarray:
@@ -57,7 +60,7 @@ class TorchBackend:
             slices = slices.copy()
         batch = torch.from_numpy(slices).unsqueeze(1).to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(to_model_input(batch, self.preprocess))
+            logits = self.model(resize_batch(to_model_input(batch, self.preprocess), self.input_size))
         return logits.float().cpu().numpy()
 
 

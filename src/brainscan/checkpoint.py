@@ -14,19 +14,21 @@ from typing import Any
 
 import torch
 
+from .about import __version__
+from .data.transforms import Preprocess
 from .errors import BrainscanError
 from .files import write_atomic
 
 FORMAT_VERSION = 1
 REQUIRED = ("arch", "class_names", "preprocess", "model_state")
+# what a run directory holds: a folder with any of these is a run, never overwritten by a new one
+RUN_FILES = ("config.yaml", "split.csv", "history.csv", "best.pt", "last.pt", "metrics.json")
 
 
 def library_versions() -> dict[str, str]:
     import numpy
     import sklearn
     import torchvision
-
-    from . import __version__
 
     versions = {
         "brainscan": __version__,
@@ -37,6 +39,36 @@ def library_versions() -> dict[str, str]:
         "python": platform.python_version(),
     }
     return {k: str(v) for k, v in versions.items()}  # torch's TorchVersion is not a plain str
+
+
+def checkpoint_payload(
+    *,
+    arch: str,
+    class_names: list[str],
+    preprocess: Preprocess,
+    config: dict[str, Any],
+    protocol: dict[str, Any],
+    pretrained: str,
+    model_state: dict[str, torch.Tensor],
+    epoch: int,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A checkpoint's contents: everything needed to predict (architecture, classes, preprocessing) and to describe
+    the run (its config, data protocol, initial weights); ``resume`` (``last.pt`` only) holds the optimisation
+    state. Calibration, operating point and test metrics are added once the run is scored."""
+    payload = {
+        "arch": arch,
+        "class_names": list(class_names),
+        "preprocess": preprocess.to_dict(),
+        "config": config,
+        "data": protocol,
+        "pretrained": pretrained,
+        "model_state": model_state,
+        "epoch": epoch,
+    }
+    if resume is not None:
+        payload["resume"] = resume
+    return payload
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import DISCLAIMER
+from .about import DISCLAIMER
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .console import deferred_progress, screen_progress, setup_logging
 from .errors import BrainscanError
 
 T, D = TrainConfig, DataConfig  # option defaults come from the config, the one place they are defined
@@ -169,9 +170,9 @@ def train(
             seed=seed,
             device=device,
         ),
-        quiet=quiet,
     )
-    result = run_train(config, resume=resume)
+    setup_logging(quiet=quiet)
+    result = run_train(config, resume=resume, progress=screen_progress(quiet))
     _print_metrics(result.metrics, quiet=quiet)
     out_console.print(f"Run directory: {result.run_dir}")
 
@@ -227,9 +228,9 @@ def cv(
         out=str(out),
         model=ModelConfig(name=model, weights=weights),
         train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device),
-        quiet=quiet,
     )
-    summary = cross_validate(config, folds=folds)
+    setup_logging(quiet=quiet)
+    summary = cross_validate(config, folds=folds, progress=screen_progress(quiet))
     table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")
     table.add_column("metric")
     for k in range(1, folds + 1):
@@ -397,8 +398,15 @@ def demo(
     """Train, evaluate and predict on the sample shipped inside the package (no network, no ../shared)."""
     from .demo import run_demo
 
-    result = run_demo(out, quiet=quiet)
-    out_console.print(json.dumps(result["prediction"]))
+    setup_logging(quiet=quiet)
+    result = run_demo(out, progress=screen_progress(quiet))
+    prediction = result["prediction"]
+    out_console.print(
+        f"Held-out slice {prediction['path']}: predicted {prediction['label']} "
+        f"({prediction['probabilities'][prediction['label']]:.2f}), true label {prediction['true_label']}",
+        highlight=False,
+        soft_wrap=True,
+    )
     out_console.print(
         f"Demo test accuracy {result['metrics']['accuracy']:.3f} on {result['metrics']['protocol']['n_evaluated']} "
         f"held-out slices (patient-wise split of a tiny sample: it shows the pipeline, not clinical performance)."
@@ -519,7 +527,6 @@ def audit(
     quiet: Quiet = False,
 ) -> None:
     """Find duplicate slices (exact, re-encoded, flipped/rotated/rescaled) and copies that leak across splits."""
-    from .console import deferred_progress
     from .data.audit import audit_duplicates
 
     with deferred_progress("Auditing images", quiet=quiet) as (start, advance):
@@ -551,7 +558,6 @@ def split_data(
     quiet: Quiet = False,
 ) -> None:
     """Write a stratified train/val/test split in which no duplicate group (or group-column value) straddles splits."""
-    from .console import deferred_progress
     from .data.audit import duplicate_aware_split
 
     with deferred_progress("Reading images", quiet=quiet) as (start, advance):

@@ -57,6 +57,9 @@ class ModelConfig:
     name: str = "mobilenet_v2"
     weights: str | None = None  # a state_dict file, or a torchvision weights name such as DEFAULT / IMAGENET1K_V1
     dropout: float = 0.2  # torchvision's MobileNetV2 default
+    # an ImageNet architecture without weights is refused unless asked for: from random weights it is far less
+    # accurate on datasets of this size, and forgetting --weights should not go unnoticed
+    random_init: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.dropout < 1, "dropout must lie in [0, 1).")
@@ -130,7 +133,6 @@ class RunConfig:
     out: str = "runs/latest"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain builtins only, so it fits a ``weights_only`` checkpoint and a YAML file."""
@@ -144,8 +146,10 @@ class RunConfig:
         for key, value in d.items():
             if key in sections:
                 kwargs[key] = _build(sections[key], value)
-            elif key in ("out", "quiet"):
+            elif key == "out":
                 kwargs[key] = value
+            elif key == "quiet":  # written by brainscan 0.1 runs; verbosity is the CLI's, not the run's
+                continue
             else:
                 raise BrainscanError(f"Unknown config section {key!r}.")
         return cls(**kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,15 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .config import RunConfig
-from .console import info, progress
 from .data.ingest import load_images, scan_dataset
 from .data.prepare import describe_skipped, duplicate_set_labels
 from .data.splits import assign_splits, effective_groups
 from .errors import BrainscanError
 from .files import write_json
+from .progress import Progress, no_progress
 from .train import train
 
+log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 
 
@@ -43,7 +45,7 @@ def assign_folds(
     return fold_of, f"stratified group-aware {folds}-fold (seed {seed})"
 
 
-def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
+def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no_progress) -> dict[str, Any]:
     """Train one model per fold (test = that fold) and summarise with mean and standard deviation.
 
     Writes ``fold-K/`` run directories (each with its own index CSV, split and metrics) and ``cv_metrics.json``
@@ -57,7 +59,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     data = config.data
     ds = scan_dataset(data.root, index=data.index, group_column=data.group_column)
     cache = data.cache_dir or str(out / ".image-cache")
-    with progress("Reading images", len(ds.records), quiet=config.quiet) as advance:
+    with progress("Reading images", len(ds.records)) as advance:
         table = load_images(
             [ds.absolute(r) for r in ds.records],
             image_size=data.image_size,
@@ -71,10 +73,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
             raise BrainscanError(
                 f"{len(table.skipped)} unusable file(s) under --strict:\n{describe_skipped(table.skipped)}"
             )
-        info(
-            f"[yellow]Skipped {len(table.skipped)} unusable file(s):[/]\n{describe_skipped(table.skipped)}",
-            quiet=config.quiet,
-        )
+        log.warning("Skipped %d unusable file(s):\n%s", len(table.skipped), describe_skipped(table.skipped))
     records = [ds.records[i] for i in table.kept]
     class_names = sorted({r.label for r in records})
     labels = np.array([class_names.index(r.label) for r in records])
@@ -91,7 +90,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
     for k in range(1, folds + 1):
         fold_dir = out / f"fold-{k}"
         if (fold_dir / "metrics.json").is_file():
-            info(f"fold {k}: already done, reusing {fold_dir / 'metrics.json'}", quiet=config.quiet)
+            log.info("fold %d: already done, reusing %s", k, fold_dir / "metrics.json")
             fold_metrics.append(json.loads((fold_dir / "metrics.json").read_text()))
             continue
         # val: a stratified share of the training folds that keeps duplicate sets whole
@@ -116,8 +115,8 @@ def cross_validate(config: RunConfig, *, folds: int = 5) -> dict[str, Any]:
             out=str(fold_dir),
             data=replace(data, root=str(ds.root), index=str(index), group_column="group", cache_dir=cache),
         )
-        info(f"[bold]Fold {k}/{folds}[/]", quiet=config.quiet)
-        result = train(fold_config, resume=(fold_dir / "last.pt").is_file())
+        log.info("Fold %d/%d", k, folds)
+        result = train(fold_config, resume=(fold_dir / "last.pt").is_file(), progress=progress)
         fold_metrics.append(result.metrics)
 
     protocol = {

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import RUN_FILES
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from .console import info
+from .data.splits import read_split_file
+from .errors import BrainscanError
 from .evaluate import evaluate
 from .predict import Predictor
+from .progress import Progress, no_progress
 from .train import train
+
+log = logging.getLogger(__name__)
 
 
 def sample_dir() -> Path:
@@ -18,7 +24,7 @@ def sample_dir() -> Path:
     return Path(str(resources.files("brainscan") / "sample"))
 
 
-def demo_config(out: str | Path, *, quiet: bool = False) -> RunConfig:
+def demo_config(out: str | Path) -> RunConfig:
     """The demo recipe: the from-scratch CNN (no weights file needed) at 128 px on the sample's patient-wise split."""
     sample = sample_dir()
     return RunConfig(
@@ -26,27 +32,26 @@ def demo_config(out: str | Path, *, quiet: bool = False) -> RunConfig:
         out=str(out),
         model=ModelConfig(name="cnn"),
         train=TrainConfig(epochs=20, batch_size=16, lr=2e-3, seed=0),
-        quiet=quiet,
     )
 
 
-def run_demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> dict[str, Any]:
-    """Train on the sample, evaluate on its held-out fold and predict one slice — the same calls as the CLI.
+def run_demo(out: str | Path = "runs/demo", *, progress: Progress = no_progress) -> dict[str, Any]:
+    """Train on the sample, evaluate on its held-out fold and predict one held-out slice — the same calls as the
+    CLI. Returns the run directory, the test metrics and the prediction with the slice's true label.
 
-    An existing demo run directory at ``out`` is replaced only if it holds a previous demo.
+    An existing run directory at ``out`` is replaced only if it holds a previous demo.
     """
     out = Path(out)
-    if (out / "last.pt").exists():
-        previous = RunConfig.load(out / "config.yaml") if (out / "config.yaml").exists() else None
-        if previous is None or previous.data.index != str(sample_dir() / "index.csv"):
-            from .errors import BrainscanError
-
+    if (out / "config.yaml").exists():
+        previous = RunConfig.load(out / "config.yaml")
+        if previous.data.index != demo_config(out).data.index:
             raise BrainscanError(f"{out} holds another run; choose another --out for the demo.")
-        for name in ("last.pt", "best.pt"):
+        for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    result = train(demo_config(out, quiet=quiet))
-    metrics = evaluate(result.best_checkpoint, split="test", quiet=quiet)
-    example = next(p for p in sorted((sample_dir() / "images").rglob("*.jpg")))
-    prediction = Predictor.from_checkpoint(result.best_checkpoint).predict(example).to_dict()
-    info(f"Predicted {example.name}: {prediction['label']}", quiet=quiet)
+    result = train(demo_config(out), progress=progress)
+    metrics = evaluate(result.best_checkpoint, split="test", quiet=True)
+    held_out = next(row for row in read_split_file(result.run_dir / "split.csv") if row["split"] == "test")
+    prediction = Predictor.from_checkpoint(result.best_checkpoint).predict(sample_dir() / held_out["path"]).to_dict()
+    prediction["true_label"] = held_out["label"]
+    log.info("Predicted held-out %s: %s (true: %s)", held_out["path"], prediction["label"], held_out["label"])
     return {"run_dir": str(result.run_dir), "metrics": metrics, "prediction": prediction}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 
 from .errors import BrainscanError
 
@@ -173,46 +174,62 @@ def replace_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def check_weights(spec: ModelSpec, weights: str) -> Path | WeightsEnum:
+    """Where ``weights`` come from, checked before anything is loaded: a state_dict file (its path), or an entry
+    of the architecture's torchvision weights enum.
+
+    Raises:
+        BrainscanError: neither a file nor a weights name of ``spec``, naming the choices.
+    """
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    if spec.weights_enum is None:
+        raise BrainscanError(f"{weights!r}: no such weights file, and {spec.name} has no torchvision weights.")
+    enum = getattr(torchvision.models, spec.weights_enum)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise BrainscanError(f"{weights!r}: no such weights file, nor a {spec.weights_enum} name ({names}).") from None
+
+
 def load_pretrained(model: nn.Module, spec: ModelSpec, weights: str) -> str:
     """Load ``weights`` into the original-head model: a state_dict file, or a torchvision weights name.
 
     Returns a description of where the weights came from (recorded in the checkpoint).
     """
-    path = Path(weights).expanduser()
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise BrainscanError(f"{path}: not a loadable state_dict ({type(exc).__name__}: {exc}).") from exc
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise BrainscanError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}.")
-        result = model.load_state_dict(state, strict=False)
-        problems = []
-        if result.missing_keys:
-            problems.append(f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[0]})")
-        if result.unexpected_keys:
-            problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[0]})")
-        if problems:
-            raise BrainscanError(f"{path} does not fit {spec.name}: {'; '.join(problems)}.")
-        return f"file:{path.name}"
-    if spec.weights_enum is None:
-        raise BrainscanError(f"{weights!r}: no such weights file, and {spec.name} has no torchvision weights.")
-    enum = getattr(torchvision.models, spec.weights_enum)
+    source = check_weights(spec, weights)
+    if isinstance(source, Path):
+        return _load_state_file(model, spec, source)
     try:
-        entry = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        names = ", ".join(["DEFAULT", *enum.__members__])
-        raise BrainscanError(f"{weights!r}: no such weights file, nor a {spec.weights_enum} name ({names}).") from None
-    try:
-        model.load_state_dict(entry.get_state_dict(progress=False, check_hash=True))
+        model.load_state_dict(source.get_state_dict(progress=False, check_hash=True))
     except OSError as exc:  # no internet: urllib errors subclass OSError
         raise BrainscanError(
-            f"Could not download {spec.weights_enum}.{entry.name} ({exc}). "
+            f"Could not download {spec.weights_enum}.{source.name} ({exc}). "
             "Offline, pass --weights PATH to a state_dict."
         ) from exc
-    return f"torchvision:{spec.weights_enum}.{entry.name}"
+    return f"torchvision:{spec.weights_enum}.{source.name}"
+
+
+def _load_state_file(model: nn.Module, spec: ModelSpec, path: Path) -> str:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BrainscanError(f"{path}: not a loadable state_dict ({type(exc).__name__}: {exc}).") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BrainscanError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}.")
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[0]})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[0]})")
+    if problems:
+        raise BrainscanError(f"{path} does not fit {spec.name}: {'; '.join(problems)}.")
+    return f"file:{path.name}"
 
 
 def create_model(name: str, num_classes: int, weights: str | None = None, *, dropout: float | None = None) -> nn.Module:

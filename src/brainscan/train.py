@@ -1,14 +1,15 @@
-"""Training: :func:`train` runs a whole experiment into a run directory; :func:`run_epoch` is the one loop
-used for training, validation and testing."""
+"""Training: :func:`train` runs one experiment into a run directory in named stages — set up, one epoch of
+fitting, validation, checkpoints, and the final scoring — in the manner of torchvision's reference script."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from .backends import fast_backend, forward_batches, resolve_device
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig
-from .console import info, progress
+from .backends import TorchBackend, fast_backend, forward_batches, resolve_device
+from .checkpoint import RUN_FILES, checkpoint_payload, load_checkpoint, save_checkpoint
+from .config import RunConfig, TrainConfig
 from .data.prepare import PreparedData, prepare_data
 from .data.splits import write_split_file
-from .data.transforms import BatchAugment, Preprocess, to_model_input
+from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_input
 from .errors import BrainscanError
 from .files import write_json
 from .hardware import release_free_memory, set_torch_threads
@@ -41,6 +41,7 @@ from .metrics import (
 from .models import (
     ModelSpec,
     backbone_parameters,
+    check_weights,
     create_model,
     freeze_early_layers,
     get_spec,
@@ -48,8 +49,12 @@ from .models import (
     set_backbone_frozen,
 )
 from .predict import Predictor, softmax
+from .progress import Progress, no_progress
+
+log = logging.getLogger(__name__)
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
+VAL_BATCH = 64
 HISTORY_FIELDS = [
     "epoch",
     "stage",
@@ -62,6 +67,18 @@ HISTORY_FIELDS = [
     "lr",
     "seconds",
 ]
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+# scheduler by name, from (optimizer, train config, total optimizer steps); plateau steps once per epoch
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig, int], Any]] = {
+    "cosine": lambda opt, t, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+    "onecycle": lambda opt, t, steps: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps
+    ),
+    "plateau": lambda opt, t, steps: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min" if t.monitor == "val_loss" else "max", factor=0.3, patience=1
+    ),
+    "none": lambda opt, t, steps: None,
+}
 
 
 class SliceDataset(Dataset):
@@ -104,57 +121,365 @@ class RunResult:
     history: list[dict[str, Any]]
 
 
-def run_epoch(
+@dataclass
+class Session:
+    """What one run holds while it trains: its data, model, optimisation and random streams."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    spec: ModelSpec
+    data: PreparedData
+    model: nn.Module
+    preprocess: Preprocess
+    pretrained: bool
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    train_loader: DataLoader
+    sample_weights: torch.Tensor | None  # per training image, for the balanced sampler
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader_rng: torch.Generator
+    augment: BatchAugment | None
+    augment_rng: torch.Generator
+    head_inputs: torch.Tensor | None = None  # backbone features of the training images, for head-only epochs
+
+    @property
+    def per_step_scheduler(self) -> Any:
+        return self.scheduler if self.config.train.schedule != "plateau" else None
+
+
+@dataclass
+class Tracker:
+    """Model selection and early stopping: the monitored score's best epoch and the epochs since."""
+
+    sign: float  # +1 when higher is better
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record a served-resolution epoch; True when it becomes ``best.pt``. Patience counts epochs without a
+        strict improvement; a tie still takes the later, more annealed epoch."""
+        score *= self.sign
+        self.bad_epochs = 0 if score > self.best_score else self.bad_epochs + 1
+        if score >= self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            return True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("history", "best_score", "best_epoch", "bad_epochs")}
+
+
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress = no_progress,
+) -> RunResult:
+    """Train a model as ``config`` says, writing a self-describing run directory at ``config.out``.
+
+    The run directory holds ``config.yaml``, ``split.csv``, ``history.csv``, ``best.pt``, ``last.pt``,
+    ``metrics.json`` (held-out test split) and PNG plots; it is created once the data are read and the model is
+    built, so a run that fails before training leaves nothing behind. ``resume=True`` continues from ``last.pt``.
+    ``on_epoch_end`` receives each epoch's history row once ``last.pt`` is written (live plots, custom stopping);
+    ``progress`` reports reading and epochs (:mod:`brainscan.progress`).
+
+    Example:
+        >>> cfg = RunConfig(DataConfig(root="../shared/data/brain-mri-yes-no"), out="runs/yesno")  # doctest: +SKIP
+        >>> result = train(cfg)  # doctest: +SKIP
+        >>> result.metrics["accuracy"]  # doctest: +SKIP
+    """
+    run_dir = Path(config.out)
+    config, last = _resume_state(run_dir, config) if resume else (config, None)
+    if last is None:
+        check_new_run(config, run_dir)
+    s = _set_up(config, run_dir, resumed=last is not None, progress=progress)
+    tracker = Tracker(sign=-1.0 if config.train.monitor == "val_loss" else 1.0)
+    start_epoch = _restore(s, tracker, last) if last is not None else 1
+    started = time.time()
+    for epoch in range(start_epoch, config.train.epochs + 1):
+        epoch_start = time.time()
+        frozen, size = _prepare_epoch(s, epoch)
+        fit = _fit_epoch(s, epoch, frozen=frozen, size=size, progress=progress)
+        # Only epochs at the served resolution are candidates for best.pt; a low-resolution epoch is validated at
+        # its own size, as a progress figure, which spares a BatchNorm recalibration and a full-size pass per epoch.
+        served = frozen or size == s.preprocess.image_size
+        val = _validate_epoch(s, recalibrate=served and not frozen, size=s.preprocess.image_size if served else size)
+        row = _history_row(s, epoch, frozen, size, fit, val, time.time() - epoch_start)
+        tracker.history.append(row)
+        _write_history(run_dir / "history.csv", tracker.history)
+        if config.train.schedule == "plateau":
+            s.scheduler.step(row[config.train.monitor])
+        if served and tracker.update(row[config.train.monitor], epoch):
+            save_checkpoint(_payload(s, epoch), run_dir / "best.pt")
+        save_checkpoint(_payload(s, epoch, resume=_resume_payload(s, tracker)), run_dir / "last.pt")
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+        if config.train.patience and tracker.bad_epochs >= config.train.patience:
+            log.info("Early stopping: no %s improvement for %d epochs.", config.train.monitor, config.train.patience)
+            break
+    train_seconds = time.time() - started
+    return _finish(run_dir, s.data, s.preprocess, s.device, tracker.history, train_seconds, tracker.best_epoch,
+                   config.train.target_sensitivity)  # fmt: skip
+
+
+def check_new_run(config: RunConfig, run_dir: Path) -> None:
+    """Everything that can be checked before any image is read: the output folder holds no run, and a pretrained
+    architecture has weights (or was asked to start from random ones)."""
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing:
+        raise BrainscanError(
+            f"{run_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it, or choose "
+            "another --out."
+        )
+    spec = get_spec(config.model.name)
+    if config.model.weights:
+        check_weights(spec, config.model.weights)
+    elif spec.weights_enum is not None and not config.model.random_init:
+        raise BrainscanError(
+            f"{spec.name} is an ImageNet architecture and no --weights were given: pass --weights FILE (a "
+            f"state_dict) or --weights DEFAULT (torchvision download), or --random-init to train it from random "
+            "weights (far less accurate on small data)."
+        )
+
+
+def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, progress: Progress) -> Session:
+    """Seeds, data, model, loaders, loss and optimisation, in the order that fixes every random draw; then the
+    run directory, once nothing before training can fail."""
+    t = config.train
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)  # noqa: NPY002 - third-party code may draw from numpy's global RNG
+    set_torch_threads(t.threads)
+    device = resolve_device(t.device)
+    spec = get_spec(config.model.name)
+    preprocess = Preprocess(config.data.image_size, spec.mean, spec.std, config.data.crop_background)
+    split_file = run_dir / "split.csv" if resumed else None
+    data = prepare_data(config.data, seed=t.seed, split_file=split_file, progress=progress)
+    log.info(_describe_data(data))
+
+    pretrained = bool(config.model.weights)
+    model = create_model(spec.name, len(data.class_names), config.model.weights, dropout=config.model.dropout)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    train_idx, val_idx = data.subset("train"), data.subset("val")
+    loader_rng = torch.Generator().manual_seed(t.seed)
+    train_set = SliceDataset(data.images, data.targets, train_idx)
+    weights = _class_weights(data.targets[train_idx], len(data.class_names))
+    sample_weights = weights[data.targets[train_idx]].double() if t.balance == "sampler" else None
+    sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=loader_rng) \
+        if sample_weights is not None else None  # fmt: skip
+    train_loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=loader_rng,
+        drop_last=len(train_idx) > t.batch_size,
+        pin_memory=device.type == "cuda",
+    )
+    criterion = nn.CrossEntropyLoss(
+        weight=weights.to(device) if t.balance == "loss" else None, label_smoothing=t.label_smoothing
+    )
+    optimizer = _build_optimizer(model, spec, t, pretrained)
+    scheduler = SCHEDULES[t.schedule](optimizer, t, t.epochs * len(train_loader))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    write_split_file(run_dir / "split.csv", data.rows)
+    return Session(
+        config, run_dir, device, spec, data, model, preprocess, pretrained, train_idx, val_idx, train_loader,
+        sample_weights, criterion, optimizer, scheduler, loader_rng,
+        BatchAugment() if t.augment else None, torch.Generator().manual_seed(t.seed + 1),
+    )  # fmt: skip
+
+
+def _restore(s: Session, tracker: Tracker, last: dict[str, Any]) -> int:
+    """Load ``last.pt``'s model, optimisation, random streams and selection state; returns the next epoch."""
+    state = last["resume"]
+    s.model.load_state_dict(last["model_state"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    if s.scheduler is not None and state.get("scheduler"):
+        s.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    s.loader_rng.set_state(state["loader_rng"])
+    s.augment_rng.set_state(state["augment_rng"])
+    tracker.history = list(state["history"])
+    tracker.best_score, tracker.best_epoch, tracker.bad_epochs = (
+        state["best_score"], state["best_epoch"], state["bad_epochs"]
+    )  # fmt: skip
+    s.data.protocol = last.get("data", s.data.protocol)
+    log.info("Resuming %s after epoch %d.", s.run_dir, int(last["epoch"]))
+    return int(last["epoch"]) + 1
+
+
+def _prepare_epoch(s: Session, epoch: int) -> tuple[bool, int]:
+    """Which layers train this epoch and at what size: (head only?, input size)."""
+    t = s.config.train
+    frozen = s.pretrained and epoch <= t.freeze_epochs
+    set_backbone_frozen(s.model, s.spec, frozen)
+    if s.pretrained and t.freeze_early and not frozen:
+        freeze_early_layers(s.model, s.spec)
+    return frozen, epoch_image_size(epoch, s.config)
+
+
+def _fit_epoch(s: Session, epoch: int, *, frozen: bool, size: int, progress: Progress) -> EpochOutput:
+    """One epoch of fitting: the head alone on cached backbone features, or the network on augmented batches."""
+    t = s.config.train
+    if frozen and t.cache_head_features:
+        if s.head_inputs is None:
+            with progress("Backbone features (once)", 1) as advance:
+                s.head_inputs = extract_head_inputs(
+                    s.model, s.spec, s.data.images, s.train_idx, preprocess=s.preprocess, device=s.device
+                )
+                advance(1)
+        batches = head_epoch_order(
+            len(s.train_idx),
+            batch_size=t.batch_size,
+            drop_last=s.train_loader.drop_last,
+            generator=s.loader_rng,
+            weights=s.sample_weights,
+        )
+        targets = s.train_loader.dataset.targets
+        loss, logits, seen = fit_head_epoch(
+            s.model.get_submodule(s.spec.classifier), s.head_inputs, targets, batches, criterion=s.criterion,
+            optimizer=s.optimizer, scheduler=s.per_step_scheduler, dropout=dropout_rate(s.model, s.spec),
+            device=s.device,
+        )  # fmt: skip
+        return EpochOutput(loss, logits, seen)
+    label = f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else f" ({size} px)")
+    with progress(label, len(s.train_loader)) as advance:
+        return train_one_epoch(
+            s.model,
+            s.train_loader,
+            preprocess=s.preprocess,
+            criterion=s.criterion,
+            device=s.device,
+            optimizer=s.optimizer,
+            scheduler=s.per_step_scheduler,
+            frozen_spec=s.spec if frozen else None,
+            input_size=size,
+            augment=s.augment,
+            generator=s.augment_rng,
+            pass_pixels=t.cpu_pass_pixels if s.device.type == "cpu" else 0,
+            on_batch=advance,
+        )
+
+
+def _validate_epoch(s: Session, *, recalibrate: bool, size: int) -> EpochOutput:
+    """Validation logits through the one inference pass (:func:`~brainscan.backends.forward_batches`): at the
+    served size on the fastest backend (ONNX Runtime on a CPU), after re-estimating BatchNorm statistics when the
+    backbone trained; at a low-resolution epoch's own size on the model itself."""
+    if recalibrate:
+        # a fixed, class-mixed sample (records are stored class by class)
+        sample = np.sort(np.random.default_rng(s.config.train.seed).permutation(s.train_idx)[:BN_RECALIBRATION_IMAGES])
+        recalibrate_batchnorm(s.model, s.data.images[sample], preprocess=s.preprocess, device=s.device)
+    if size == s.preprocess.image_size:
+        backend = fast_backend(s.model, s.preprocess, s.device)
+    else:
+        backend = TorchBackend(s.model, s.preprocess, s.device, input_size=size)
+        # Up to 0.1 this pass iterated a DataLoader, whose iterator draws one number from the global RNG; drawing
+        # it still keeps dropout's stream, and so every seeded figure measured before, unchanged.
+        torch.empty((), dtype=torch.int64).random_()
+    logits = torch.from_numpy(forward_batches(backend, s.data.images, s.val_idx, batch_size=VAL_BATCH)).float()
+    labels = torch.from_numpy(s.data.targets[s.val_idx]).long()
+    del backend
+    release_free_memory()
+    return EpochOutput(float(F.cross_entropy(logits, labels)), logits, labels)
+
+
+def _history_row(
+    s: Session, epoch: int, frozen: bool, size: int, fit: EpochOutput, val: EpochOutput, seconds: float
+) -> dict[str, Any]:
+    scores = compute_metrics(val.targets.numpy(), val.logits.softmax(1).numpy(), s.data.class_names, protocol={})
+    row = {
+        "epoch": epoch,
+        "stage": "head" if frozen else f"full@{size}px",
+        "train_loss": round(fit.loss, 5),
+        "train_accuracy": round(fit.accuracy, 5),
+        "val_loss": round(val.loss, 5),
+        "val_accuracy": round(scores["accuracy"], 5),
+        "val_balanced_accuracy": round(scores["balanced_accuracy"], 5),
+        "val_macro_f1": round(scores["macro_f1"], 5),
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "seconds": round(seconds, 1),
+    }
+    log.info(
+        "epoch %d: train loss %.4f acc %.3f | val loss %.4f acc %.3f bal-acc %.3f (%ss)", epoch, fit.loss,
+        fit.accuracy, val.loss, scores["accuracy"], scores["balanced_accuracy"], row["seconds"],
+    )  # fmt: skip
+    return row
+
+
+def _payload(s: Session, epoch: int, *, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    return checkpoint_payload(
+        arch=s.spec.name,
+        class_names=s.data.class_names,
+        preprocess=s.preprocess,
+        config=s.config.to_dict(),
+        protocol=s.data.protocol,
+        pretrained=s.config.model.weights or "none",
+        model_state=s.model.state_dict(),
+        epoch=epoch,
+        resume=resume,
+    )
+
+
+def _resume_payload(s: Session, tracker: Tracker) -> dict[str, Any]:
+    """What ``last.pt`` needs beyond the model to continue exactly where the run stopped."""
+    return {
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict() if s.scheduler is not None else {},
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": s.loader_rng.get_state(),
+        "augment_rng": s.augment_rng.get_state(),
+        **tracker.state(),
+    }
+
+
+def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
     *,
     preprocess: Preprocess,
     criterion: nn.Module,
     device: torch.device,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer,
     scheduler: Any = None,
     frozen_spec: ModelSpec | None = None,
     input_size: int | None = None,
     augment: BatchAugment | None = None,
     generator: torch.Generator | None = None,
     pass_pixels: int = 0,
-    on_batch: Any = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> EpochOutput:
-    """One pass over ``loader``: trains when an optimizer is given, else evaluates without gradients.
+    """One training pass over ``loader``.
 
     ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
     statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing); ``augment``
-    draws from ``generator``; ``pass_pixels`` (0: off) bounds a training forward/backward pass, see
+    draws from ``generator``; ``pass_pixels`` (0: off) bounds a forward/backward pass, see
     :func:`accumulated_step`.
     """
-    training = optimizer is not None
-    model.train(training)
-    if training and frozen_spec is not None:
+    model.train()
+    if frozen_spec is not None:
         set_backbone_frozen(model, frozen_spec, True)
-    use_amp = device.type == "cuda"
     total_loss, all_logits, all_targets = 0.0, [], []
-    with torch.set_grad_enabled(training):
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            x = to_model_input(images, preprocess, augment=augment, generator=generator)
-            if input_size is not None and input_size != x.shape[-1]:
-                x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
-                x = x.contiguous(memory_format=torch.channels_last)
-            if training:
-                passes = math.ceil(x.shape[0] * x.shape[-1] * x.shape[-2] / pass_pixels) if pass_pixels else 1
-                loss, logits = accumulated_step(
-                    model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes
-                )
-            else:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model(x)
-                    loss = criterion(logits.float(), targets)
-            total_loss += float(loss.detach()) * len(targets)
-            all_logits.append(logits.detach().float().cpu())
-            all_targets.append(targets.cpu())
-            if on_batch:
-                on_batch(1)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        x = resize_batch(to_model_input(images, preprocess, augment=augment, generator=generator), input_size)
+        passes = math.ceil(x.shape[0] * x.shape[-1] * x.shape[-2] / pass_pixels) if pass_pixels else 1
+        loss, logits = accumulated_step(
+            model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes
+        )
+        total_loss += float(loss.detach()) * len(targets)
+        all_logits.append(logits.detach().float().cpu())
+        all_targets.append(targets.cpu())
+        if on_batch:
+            on_batch(1)
     release_free_memory()
     n = sum(len(t) for t in all_targets)
     return EpochOutput(total_loss / max(n, 1), torch.cat(all_logits), torch.cat(all_targets))
@@ -205,7 +530,8 @@ def recalibrate_batchnorm(
 
     Running statistics are a moving average over augmented, possibly low-resolution batches (and, on small data,
     still partly the pretrained model's); evaluation then sees other statistics than training did. An exact
-    average over a fixed set of clean slices removes that mismatch (as in FixRes, Touvron et al. 2019).
+    average over a fixed set of clean slices removes that mismatch (as in FixRes, Touvron et al. 2019). A
+    training-mode pass, so not the inference pass: its outputs are discarded, only the statistics matter.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or len(images) == 0:
@@ -224,54 +550,14 @@ def recalibrate_batchnorm(
     release_free_memory()
 
 
-def _validate_served(
-    model: nn.Module,
-    images: np.ndarray,
-    indices: np.ndarray,
-    targets: np.ndarray,
-    *,
-    preprocess: Preprocess,
-    device: torch.device,
-    batch_size: int = 32,
-) -> EpochOutput:
-    """Validation at the served resolution through :func:`~brainscan.backends.fast_backend` (ONNX Runtime on a
-    CPU: a few times quicker than an eager pass, even with the export it needs first)."""
-    backend = fast_backend(model, preprocess, device)
-    logits = torch.from_numpy(forward_batches(backend, images, indices, batch_size=batch_size)).float()
-    labels = torch.from_numpy(targets[indices]).long()
-    del backend
-    release_free_memory()
-    return EpochOutput(float(F.cross_entropy(logits, labels)), logits, labels)
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - third-party code may draw from numpy's global RNG
-
-
-def _build_optimizer(model: nn.Module, spec: ModelSpec, config: RunConfig, pretrained: bool) -> torch.optim.Optimizer:
-    t = config.train
+def _build_optimizer(model: nn.Module, spec: ModelSpec, t: TrainConfig, pretrained: bool) -> torch.optim.Optimizer:
+    """The head at ``lr``; a pretrained backbone slower, at ``lr × backbone_lr_scale``."""
     backbone_lr = t.lr * (t.backbone_lr_scale if pretrained else 1.0)
     groups = [
         {"params": head_parameters(model, spec), "lr": t.lr},
         {"params": backbone_parameters(model, spec), "lr": backbone_lr},
     ]
-    kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return kind(groups, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def _build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int) -> Any:
-    t = config.train
-    total = t.epochs * steps_per_epoch
-    if t.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if t.schedule == "onecycle":
-        max_lrs = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total)
-    if t.schedule == "plateau":
-        mode = "min" if t.monitor == "val_loss" else "max"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.3, patience=1)
-    return None
+    return OPTIMIZERS[t.optimizer](groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def epoch_image_size(epoch: int, config: RunConfig) -> int:
@@ -303,223 +589,8 @@ def _resume_state(run_dir: Path, config: RunConfig) -> tuple[RunConfig, dict[str
         raise BrainscanError(f"{run_dir}: nothing to resume (no last.pt).")
     ckpt = load_checkpoint(last)
     saved = RunConfig.from_dict(ckpt["config"])
-    # Only the epoch budget and verbosity may change on resume: the rest defines the experiment.
-    return replace(saved, train=replace(saved.train, epochs=config.train.epochs), quiet=config.quiet), ckpt
-
-
-def train(
-    config: RunConfig, *, resume: bool = False, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
-) -> RunResult:
-    """Train a model as ``config`` says, writing a self-describing run directory at ``config.out``.
-
-    The run directory holds ``config.yaml``, ``split.csv``, ``history.csv``, ``best.pt``, ``last.pt``,
-    ``metrics.json`` (held-out test split) and PNG plots. ``resume=True`` continues from ``last.pt``.
-    ``on_epoch_end`` receives each epoch's history row once ``last.pt`` is written (live plots, custom stopping).
-
-    Example:
-        >>> cfg = RunConfig(DataConfig(root="../shared/data/brain-mri-yes-no"), out="runs/yesno")  # doctest: +SKIP
-        >>> result = train(cfg)  # doctest: +SKIP
-        >>> result.metrics["accuracy"]  # doctest: +SKIP
-    """
-    run_dir = Path(config.out)
-    resume_ckpt = None
-    if resume:
-        config, resume_ckpt = _resume_state(run_dir, config)
-    elif (run_dir / "last.pt").exists():
-        raise BrainscanError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    quiet = config.quiet
-    t = config.train
-    _seed_everything(t.seed)
-    set_torch_threads(t.threads)
-    device = resolve_device(t.device)
-    spec = get_spec(config.model.name)
-
-    data = prepare_data(config.data, seed=t.seed, split_file=run_dir / "split.csv" if resume else None, quiet=quiet)
-    config.save(run_dir / "config.yaml")
-    write_split_file(run_dir / "split.csv", data.rows)
-    info(_describe_data(data), quiet=quiet)
-
-    pretrained = bool(config.model.weights)
-    model = create_model(spec.name, len(data.class_names), config.model.weights, dropout=config.model.dropout)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    preprocess = Preprocess(config.data.image_size, spec.mean, spec.std, config.data.crop_background)
-
-    train_idx, val_idx = data.subset("train"), data.subset("val")
-    generator = torch.Generator().manual_seed(t.seed)
-    train_set = SliceDataset(data.images, data.targets, train_idx)
-    augment = BatchAugment() if t.augment else None
-    augment_rng = torch.Generator().manual_seed(t.seed + 1)
-    sampler, sample_weights = None, None
-    if t.balance == "sampler":
-        sample_weights = _class_weights(data.targets[train_idx], len(data.class_names))[
-            data.targets[train_idx]
-        ].double()
-        sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=generator)
-    pin = device.type == "cuda"
-    train_loader = DataLoader(
-        train_set,
-        batch_size=t.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=generator,
-        drop_last=len(train_idx) > t.batch_size,
-        pin_memory=pin,
-    )
-    val_loader = DataLoader(SliceDataset(data.images, data.targets, val_idx), batch_size=64, pin_memory=pin)
-
-    class_weights = _class_weights(data.targets[train_idx], len(data.class_names)) if t.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(
-        weight=class_weights.to(device) if class_weights is not None else None, label_smoothing=t.label_smoothing
-    )
-    plain_loss = nn.CrossEntropyLoss()
-    optimizer = _build_optimizer(model, spec, config, pretrained)
-    scheduler = _build_scheduler(optimizer, config, len(train_loader))
-    per_step = scheduler is not None and t.schedule != "plateau"
-
-    history: list[dict[str, Any]] = []
-    start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
-    if resume_ckpt is not None:
-        state = resume_ckpt["resume"]
-        model.load_state_dict(resume_ckpt["model_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        generator.set_state(state["loader_rng"])
-        augment_rng.set_state(state["augment_rng"])
-        history = list(state["history"])
-        best_score, best_epoch, bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-        data.protocol = resume_ckpt.get("data", data.protocol)
-        info(f"Resuming {run_dir} after epoch {start_epoch - 1}.", quiet=quiet)
-
-    common = {  # everything a checkpoint needs to predict and to describe itself
-        "arch": spec.name,
-        "class_names": data.class_names,
-        "preprocess": preprocess.to_dict(),
-        "config": config.to_dict(),
-        "data": data.protocol,
-        "pretrained": config.model.weights or "none",
-    }
-    sign = -1.0 if t.monitor == "val_loss" else 1.0
-    started = time.time()
-    head_inputs: torch.Tensor | None = None
-    # a fixed, class-mixed sample (records are stored class by class) for BatchNorm recalibration
-    bn_sample = np.sort(np.random.default_rng(t.seed).permutation(train_idx)[:BN_RECALIBRATION_IMAGES])
-    for epoch in range(start_epoch, t.epochs + 1):
-        frozen = pretrained and epoch <= t.freeze_epochs
-        set_backbone_frozen(model, spec, frozen)
-        if pretrained and t.freeze_early and not frozen:
-            freeze_early_layers(model, spec)
-        epoch_start = time.time()
-        size = epoch_image_size(epoch, config)
-        label = f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else f" ({size} px)")
-        if frozen and t.cache_head_features:
-            if head_inputs is None:
-                with progress("Backbone features (once)", 1, quiet=quiet) as advance:
-                    head_inputs = extract_head_inputs(
-                        model, spec, data.images, train_idx, preprocess=preprocess, device=device
-                    )
-                    advance(1)
-            batches = head_epoch_order(
-                len(train_idx),
-                batch_size=t.batch_size,
-                drop_last=train_loader.drop_last,
-                generator=generator,
-                weights=sample_weights,
-            )
-            loss, logits, seen = fit_head_epoch(
-                model.get_submodule(spec.classifier),
-                head_inputs,
-                train_set.targets,
-                batches,
-                criterion=criterion,
-                optimizer=optimizer,
-                scheduler=scheduler if per_step else None,
-                dropout=dropout_rate(model, spec),
-                device=device,
-            )
-            fit = EpochOutput(loss, logits, seen)
-        else:
-            with progress(label, len(train_loader), quiet=quiet) as advance:
-                fit = run_epoch(
-                    model,
-                    train_loader,
-                    preprocess=preprocess,
-                    criterion=criterion,
-                    device=device,
-                    optimizer=optimizer,
-                    scheduler=scheduler if per_step else None,
-                    frozen_spec=spec if frozen else None,
-                    input_size=size,
-                    augment=augment,
-                    generator=augment_rng,
-                    pass_pixels=t.cpu_pass_pixels if device.type == "cpu" else 0,
-                    on_batch=advance,
-                )
-        # Only epochs at the served resolution are candidates for best.pt; a low-resolution epoch is validated at
-        # its own size, as a progress figure, which spares a BatchNorm recalibration and a full-size pass per epoch.
-        served = frozen or size == config.data.image_size
-        if served:
-            if not frozen:
-                recalibrate_batchnorm(model, data.images[bn_sample], preprocess=preprocess, device=device)
-            val = _validate_served(model, data.images, val_idx, data.targets, preprocess=preprocess, device=device)
-        else:
-            val = run_epoch(
-                model, val_loader, preprocess=preprocess, criterion=plain_loss, device=device, input_size=size
-            )
-        val_metrics = compute_metrics(val.targets.numpy(), val.logits.softmax(1).numpy(), data.class_names, protocol={})
-        row = {
-            "epoch": epoch,
-            "stage": "head" if frozen else f"full@{size}px",
-            "train_loss": round(fit.loss, 5),
-            "train_accuracy": round(fit.accuracy, 5),
-            "val_loss": round(val.loss, 5),
-            "val_accuracy": round(val_metrics["accuracy"], 5),
-            "val_balanced_accuracy": round(val_metrics["balanced_accuracy"], 5),
-            "val_macro_f1": round(val_metrics["macro_f1"], 5),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(time.time() - epoch_start, 1),
-        }
-        history.append(row)
-        _write_history(run_dir / "history.csv", history)
-        info(
-            f"epoch {epoch}: train loss {fit.loss:.4f} acc {fit.accuracy:.3f} | val loss {val.loss:.4f} "
-            f"acc {val_metrics['accuracy']:.3f} bal-acc {val_metrics['balanced_accuracy']:.3f} ({row['seconds']}s)",
-            quiet=quiet,
-        )
-        if t.schedule == "plateau":
-            scheduler.step(row[t.monitor])
-        score = sign * row[t.monitor]
-        if served:
-            # patience counts epochs without a strict improvement; a tie still takes the later, more annealed epoch
-            bad_epochs = 0 if score > best_score else bad_epochs + 1
-            if score >= best_score:
-                best_score, best_epoch = score, epoch
-                save_checkpoint({**common, "model_state": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
-        resume_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "torch_rng": torch.get_rng_state(),
-            "loader_rng": generator.get_state(),
-            "augment_rng": augment_rng.get_state(),
-            "history": history,
-            "best_score": best_score,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-        }
-        save_checkpoint(
-            {**common, "model_state": model.state_dict(), "epoch": epoch, "resume": resume_state}, run_dir / "last.pt"
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(row)
-        if t.patience and bad_epochs >= t.patience:
-            info(f"Early stopping: no {t.monitor} improvement for {t.patience} epochs.", quiet=quiet)
-            break
-    train_seconds = time.time() - started
-
-    return _finish(run_dir, data, preprocess, device, history, train_seconds, best_epoch, quiet, t.target_sensitivity)
+    # Only the epoch budget may change on resume: the rest defines the experiment.
+    return replace(saved, train=replace(saved.train, epochs=config.train.epochs)), ckpt
 
 
 def _finish(
@@ -530,7 +601,6 @@ def _finish(
     history: list[dict[str, Any]],
     train_seconds: float,
     best_epoch: int,
-    quiet: bool,
     target_sensitivity: float | None,
 ) -> RunResult:
     """Calibrate the best model on val, score it on test, write metrics.json, plots and the final best.pt."""
@@ -583,11 +653,10 @@ def _finish(
     plot_examples(
         data.images[test_idx], data.targets[test_idx], probs, data.class_names, run_dir / "examples.png", seed=0
     )
-    info(
-        f"[bold green]Test[/] ({len(test_idx)} images): accuracy {metrics['accuracy']:.3f}, balanced accuracy "
+    log.info(
+        f"Test ({len(test_idx)} images): accuracy {metrics['accuracy']:.3f}, balanced accuracy "
         f"{metrics['balanced_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, ROC-AUC "
-        f"{metrics['roc_auc'] if metrics['roc_auc'] is None else round(metrics['roc_auc'], 3)}",
-        quiet=quiet,
+        f"{metrics['roc_auc'] if metrics['roc_auc'] is None else round(metrics['roc_auc'], 3)}"
     )
     return RunResult(run_dir, run_dir / "best.pt", metrics, history)
 

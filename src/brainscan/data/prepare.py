@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 import numpy as np
 
 from ..config import DataConfig
-from ..console import info, progress
 from ..errors import BrainscanError
+from ..progress import Progress, no_progress
 from .duplicates import group_fingerprints
 from .fingerprint import Fingerprint
 from .ingest import load_images, scan_dataset
 from .splits import assign_splits, effective_groups, read_split_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +52,7 @@ def duplicate_set_labels(fingerprints: list[Fingerprint]) -> list[str]:
 
 
 def prepare_data(
-    config: DataConfig, *, seed: int, split_file: str | Path | None = None, quiet: bool = False
+    config: DataConfig, *, seed: int, split_file: str | Path | None = None, progress: Progress = no_progress
 ) -> PreparedData:
     """Scan, decode (reporting unreadable files) and split the data.
 
@@ -60,7 +63,7 @@ def prepare_data(
     """
     ds = scan_dataset(config.root, index=config.index, group_column=config.group_column)
     paths = [ds.absolute(r) for r in ds.records]
-    with progress("Reading images", len(paths), quiet=quiet) as advance:
+    with progress("Reading images", len(paths)) as advance:
         table = load_images(
             paths,
             image_size=config.image_size,
@@ -76,7 +79,7 @@ def prepare_data(
     if skipped:
         if config.strict:
             raise BrainscanError(f"{len(skipped)} unusable file(s) under --strict:\n{describe_skipped(skipped)}")
-        info(f"[yellow]Skipped {len(skipped)} unusable file(s):[/]\n{describe_skipped(skipped)}", quiet=quiet)
+        log.warning("Skipped %d unusable file(s):\n%s", len(skipped), describe_skipped(skipped))
     records = [ds.records[i] for i in table.kept]
     if not records:
         raise BrainscanError(f"{ds.root}: none of the {len(paths)} listed images could be read.")

@@ -134,6 +134,14 @@ class BatchAugment:
         return (((x - mean) * contrast + mean) * bright).clamp_(0.0, 1.0)
 
 
+def resize_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A model-input batch at ``size`` px (progressive resizing), channels-last; unchanged when already there."""
+    if size is None or size == x.shape[-1]:
+        return x
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def to_model_input(
     batch: torch.Tensor,
     preprocess: Preprocess,
