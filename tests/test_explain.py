@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig, train
 from brainscan.cli import app
-from brainscan.data.transforms import Preprocess, crop_to_content, prepare_slice
+from brainscan.data.transforms import Preprocess, crop_to_content, prepare_slice, slice_geometry
 from brainscan.errors import BrainscanError
 from brainscan.explain import (
     METHODS,
@@ -24,7 +24,6 @@ from brainscan.explain import (
     overlay,
     pointing_game,
     save_overlay,
-    slice_geometry,
 )
 from brainscan.models import create_model, get_spec, list_models
 from brainscan.predict import Predictor

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from brainscan.data.ingest import load_images, scan_dataset
+from brainscan.data.transforms import SliceFormat
 from brainscan.errors import BrainscanError
 
 from .conftest import write_class_folders
@@ -92,7 +93,7 @@ def test_load_images_skips_bad_files_with_reasons_and_keeps_order(yes_no_folder:
     (yes_no_folder / "yes" / "empty.png").write_bytes(b"")
     (yes_no_folder / "no" / "fake.jpg").write_text("not a jpeg")
     paths = sorted(yes_no_folder.rglob("*.*"))
-    table = load_images(paths, image_size=32)
+    table = load_images(paths, SliceFormat(32))
     reasons = dict(table.skipped)
     assert "empty file" in reasons[str(yes_no_folder / "yes" / "empty.png")]
     assert "not an image" in reasons[str(yes_no_folder / "no" / "fake.jpg")]
@@ -104,12 +105,12 @@ def test_disk_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path: Path
     image = tmp_path / "x.png"
     Image.fromarray(np.full((40, 40), 50, np.uint8)).save(image)
     cache = tmp_path / "cache"
-    first = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
+    first = load_images([image], SliceFormat(16, False), cache_dir=cache)
     assert len(list(cache.glob("*.npy"))) == 1
-    again = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
+    again = load_images([image], SliceFormat(16, False), cache_dir=cache)
     np.testing.assert_array_equal(first.images, again.images)
     Image.fromarray(np.full((40, 40), 200, np.uint8)).save(image)  # same name, new content
-    changed = load_images([image], image_size=16, crop_background=False, cache_dir=cache)
+    changed = load_images([image], SliceFormat(16, False), cache_dir=cache)
     assert changed.images.mean() == pytest.approx(200, abs=1)
     assert len(list(cache.glob("*.npy"))) == 2
 
@@ -120,7 +121,7 @@ def test_fingerprints_are_the_audits_of_the_full_resolution_file_and_are_cached(
     write_class_folders(tmp_path / "data", {"a": 2}, size=96)
     paths = sorted((tmp_path / "data").rglob("*.png"))
     cache = tmp_path / "cache"
-    table = load_images(paths, image_size=32, cache_dir=cache, fingerprints=True)
+    table = load_images(paths, SliceFormat(32), cache_dir=cache, fingerprints=True)
     audited = fingerprint_files(paths)
     assert table.fingerprints is not None
     for ours, theirs in zip(table.fingerprints, audited, strict=True):
@@ -129,21 +130,21 @@ def test_fingerprints_are_the_audits_of_the_full_resolution_file_and_are_cached(
         np.testing.assert_array_equal(ours.hashes, theirs.hashes)
         np.testing.assert_array_equal(ours.thumb, theirs.thumb)
     assert len(list(cache.glob("*-fingerprint-v*.npz"))) == 2
-    again = load_images(paths, image_size=32, cache_dir=cache, fingerprints=True)
+    again = load_images(paths, SliceFormat(32), cache_dir=cache, fingerprints=True)
     assert again.fingerprints is not None
     assert [f.pixels for f in again.fingerprints] == [f.pixels for f in table.fingerprints]
     np.testing.assert_array_equal(again.fingerprints[0].hashes, table.fingerprints[0].hashes)
-    assert load_images(paths, image_size=32).fingerprints is None
+    assert load_images(paths, SliceFormat(32)).fingerprints is None
 
 
 def test_a_corrupt_cache_entry_is_rebuilt_not_fatal(tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1))).save(image)
     cache = tmp_path / "cache"
-    first = load_images([image], image_size=16, cache_dir=cache, fingerprints=True)
+    first = load_images([image], SliceFormat(16), cache_dir=cache, fingerprints=True)
     for entry in cache.iterdir():
         entry.write_bytes(b"truncated")
-    again = load_images([image], image_size=16, cache_dir=cache, fingerprints=True)
+    again = load_images([image], SliceFormat(16), cache_dir=cache, fingerprints=True)
     assert again.skipped == []
     np.testing.assert_array_equal(again.images, first.images)
     assert again.fingerprints is not None and first.fingerprints is not None

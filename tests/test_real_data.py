@@ -10,6 +10,7 @@ import pytest
 
 from brainscan import DataConfig, ModelConfig, Predictor, RunConfig, TrainConfig, evaluate, train
 from brainscan.data.ingest import load_images, scan_dataset
+from brainscan.data.transforms import SliceFormat
 
 from .conftest import shared_path, shared_weights
 
@@ -21,7 +22,7 @@ def test_yes_no_set_is_read_whole_with_its_duplicates_grouped() -> None:
     ds = scan_dataset(root)
     assert ds.layout == "class-folders" and ds.class_names == ["no", "yes"]
     assert len(ds.records) == 253 and not ds.skipped
-    table = load_images([ds.absolute(r) for r in ds.records], image_size=64)
+    table = load_images([ds.absolute(r) for r in ds.records], SliceFormat(64))
     assert not table.skipped  # every mode (RGB, L, RGBA, P) and suffix decodes
     _, counts = np.unique(table.hashes, return_counts=True)
     assert ((counts > 1).sum(), (counts - 1).sum()) == (22, 25)  # the README's 22 groups, 25 redundant copies

@@ -71,15 +71,3 @@ def setup_logging(*, quiet: bool = False) -> None:
     logger.addHandler(ConsoleHandler())
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
-
-
-# Transitional, for modules not yet moved to logging + Progress (removed once none imports them).
-@contextmanager
-def progress(description: str, total: int, *, quiet: bool = False) -> Iterator[Advance]:
-    with screen_progress(quiet)(description, total) as advance:
-        yield advance
-
-
-def info(message: str, *, quiet: bool = False) -> None:
-    if not quiet:
-        console.print(message)

@@ -16,6 +16,7 @@ from .config import RunConfig
 from .data.ingest import load_images, scan_dataset
 from .data.prepare import describe_skipped, duplicate_set_labels
 from .data.splits import assign_splits, effective_groups
+from .data.transforms import SliceFormat
 from .errors import BrainscanError
 from .files import write_json
 from .progress import Progress, no_progress
@@ -62,8 +63,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     with progress("Reading images", len(ds.records)) as advance:
         table = load_images(
             [ds.absolute(r) for r in ds.records],
-            image_size=data.image_size,
-            crop_background=data.crop_background,
+            SliceFormat(data.image_size, data.crop_background),
             cache_dir=cache,
             on_progress=advance,
             fingerprints=data.group_duplicates,

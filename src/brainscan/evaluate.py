@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .checkpoint import data_root, load_checkpoint
-from .console import info, progress
 from .data.ingest import load_images, scan_dataset
 from .data.prepare import describe_skipped
 from .data.splits import read_split_file
@@ -16,6 +16,9 @@ from .errors import BrainscanError
 from .files import write_json
 from .metrics import calibration_summary, compute_metrics, deleaked_metrics
 from .predict import Predictor, softmax
+from .progress import Progress, no_progress
+
+log = logging.getLogger(__name__)
 
 
 def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
@@ -33,6 +36,7 @@ def evaluate(
     tta: bool = False,
     device: str = "auto",
     quiet: bool = False,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Score a checkpoint and write the metrics JSON (default: ``evaluate-<split>.json`` beside the checkpoint).
 
@@ -75,7 +79,7 @@ def evaluate(
             "deduplication": "none",
         }
         if ds.skipped:
-            info(f"[yellow]Skipped {len(ds.skipped)} non-image file(s)[/]\n{describe_skipped(ds.skipped)}", quiet=quiet)
+            log.warning("Skipped %d non-image file(s)\n%s", len(ds.skipped), describe_skipped(ds.skipped))
     if not items:
         raise BrainscanError(f"No images in split {split!r} of {root}.")
     unknown = sorted({label for _, label in items} - set(predictor.class_names))
@@ -85,15 +89,10 @@ def evaluate(
         )
 
     pre = predictor.preprocess
-    with progress(f"Evaluating {split}", len(items), quiet=quiet) as advance:
-        table = load_images(
-            [p for p, _ in items], image_size=pre.image_size, crop_background=pre.crop_background, on_progress=advance
-        )
+    with progress(f"Evaluating {split}", len(items)) as advance:
+        table = load_images([p for p, _ in items], pre.slice_format, on_progress=advance)
     if table.skipped:
-        info(
-            f"[yellow]Skipped {len(table.skipped)} unreadable file(s)[/]\n{describe_skipped(table.skipped)}",
-            quiet=quiet,
-        )
+        log.warning("Skipped %d unreadable file(s)\n%s", len(table.skipped), describe_skipped(table.skipped))
     if not table.kept:
         raise BrainscanError(f"None of the {len(items)} images in split {split!r} could be read.")
     targets = np.array([predictor.class_names.index(items[i][1]) for i in table.kept])

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data.readers import read_image
-from .data.transforms import content_box, prepare_slice, to_model_input
+from .data.transforms import Box, to_model_input
 from .errors import BrainscanError
 from .metrics import negative_class
 from .models import get_spec, list_models
@@ -100,7 +100,6 @@ LAYERLESS = {"fullgrad"}  # methods that choose their own layers
 # 31-37% on the other slices; fullgrad has nothing to tune and held 43.6% on them.
 DEFAULT_METHOD = "fullgrad"
 BOX_COLUMNS = ("box_x_center", "box_y_center", "box_width", "box_height")
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels; pixel (row i, column j) spans [j, j+1)×[i, i+1)
 
 
 @dataclass(frozen=True)
@@ -337,69 +336,6 @@ def save_overlay(explanation: Explanation, path: str | Path, *, colormap: str = 
 # ----------------------------------------------------------------------------------------------- geometry
 
 
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Where the pixels of an original image land in its prepared slice (crop, pad to square, resize).
-
-    Attributes:
-        original_shape: height and width of the original gray image.
-        crop: rows ``r0:r1`` and columns ``c0:c1`` kept by the background crop, as ``(r0, r1, c0, c1)``.
-        pad: top and left offsets of the crop inside the black square.
-        side: the square's side in original pixels.
-        size: the prepared slice's side in pixels.
-    """
-
-    original_shape: tuple[int, int]
-    crop: tuple[int, int, int, int]
-    pad: tuple[int, int]
-    side: int
-    size: int
-
-    @property
-    def scale(self) -> float:
-        """Prepared-slice pixels per original pixel."""
-        return self.size / self.side
-
-    def point_to_slice(self, x: float, y: float) -> tuple[float, float]:
-        """An original-image point (pixel-edge coordinates) → the same point in the prepared slice."""
-        r0, _, c0, _ = self.crop
-        top, left = self.pad
-        return (x - c0 + left) * self.scale, (y - r0 + top) * self.scale
-
-    def box_to_slice(self, box: Box) -> Box:
-        """An original-image box ``(x0, y0, x1, y1)`` in pixels → the prepared slice, clipped to it."""
-        x0, y0 = self.point_to_slice(box[0], box[1])
-        x1, y1 = self.point_to_slice(box[2], box[3])
-        clip = lambda v: float(min(max(v, 0.0), self.size))  # noqa: E731
-        return clip(x0), clip(y0), clip(x1), clip(y1)
-
-    def yolo_box_to_slice(self, x_center: float, y_center: float, width: float, height: float) -> Box:
-        """A box normalised to the original image (YOLO: centre x, centre y, width, height) → slice pixels."""
-        h, w = self.original_shape
-        box = (
-            (x_center - width / 2) * w,
-            (y_center - height / 2) * h,
-            (x_center + width / 2) * w,
-            (y_center + height / 2) * h,
-        )
-        return self.box_to_slice(box)
-
-
-def slice_geometry(gray: np.ndarray, size: int, crop_background: bool = True) -> SliceGeometry:
-    """The geometry :func:`~brainscan.data.transforms.prepare_slice` applies to ``gray``.
-
-    It reuses :func:`~brainscan.data.transforms.content_box` (the crop) and the centring of
-    :func:`~brainscan.data.transforms.pad_to_square`, so a box mapped with it lands where ``prepare_slice`` put
-    the pixels.
-    """
-    h, w = gray.shape[:2]
-    crop = content_box(gray) if crop_background else None
-    r0, r1, c0, c1 = crop if crop is not None else (0, h, 0, w)
-    ch, cw = r1 - r0, c1 - c0
-    side = max(ch, cw)
-    return SliceGeometry((h, w), (r0, r1, c0, c1), ((side - ch) // 2, (side - cw) // 2), side, size)
-
-
 # ------------------------------------------------------------------------------------------- localisation
 
 
@@ -487,8 +423,8 @@ def load_boxed_slices(
     slices, boxes, tolerances = [], [], []
     for path, _, box in candidates:
         gray = read_image(path)
-        geometry = slice_geometry(gray, pre.image_size, pre.crop_background)
-        slices.append(prepare_slice(gray, pre.image_size, crop_background=pre.crop_background))
+        geometry = pre.geometry(gray)
+        slices.append(pre.prepare(gray))
         boxes.append(geometry.yolo_box_to_slice(*box))
         tolerances.append(tolerance_px * geometry.scale)
     size = pre.image_size

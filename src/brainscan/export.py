@@ -111,7 +111,5 @@ def reference_slices(checkpoint: str | Path, *, limit: int = 16) -> np.ndarray |
         return None
     rows = [r for r in read_split_file(split_file) if r["split"] == "test"][:limit]
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    table = load_images(
-        [root / r["path"] for r in rows], image_size=pre.image_size, crop_background=pre.crop_background
-    )
+    table = load_images([root / r["path"] for r in rows], pre.slice_format)
     return table.images if len(table.images) else None

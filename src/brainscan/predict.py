@@ -20,12 +20,13 @@ from .backends import (
     TorchBackend,
     TorchScriptBackend,
     exported_path,
+    forward_batches,
     has_module,
     resolve_device,
 )
 from .checkpoint import load_checkpoint
 from .data.readers import pil_to_gray, read_image, to_uint8
-from .data.transforms import Preprocess, prepare_slice
+from .data.transforms import Preprocess
 from .errors import BrainscanError
 from .models import create_model
 
@@ -165,20 +166,17 @@ class Predictor:
             gray = array if array.dtype == np.uint8 else to_uint8(array)
         else:
             raise BrainscanError(f"Cannot predict on a {type(image).__name__}; pass a path, PIL image or array.")
-        return prepare_slice(gray, self.preprocess.image_size, crop_background=self.preprocess.crop_background)
+        return self.preprocess.prepare(gray)
 
     def raw_logits(self, slices: np.ndarray, *, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-        """Uncalibrated logits (N×C) for prepared ``uint8`` slices, computed in batches; with ``tta`` the log of
-        the mean probability over the slice and its mirror image, so temperature scaling still applies."""
-        chunks = [
-            self._batch_logits(np.ascontiguousarray(slices[i : i + batch_size]), tta)
-            for i in range(0, len(slices), batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)), np.float32)
+        """Uncalibrated logits (N×C) for prepared ``uint8`` slices, through the one batched inference pass
+        (:func:`~brainscan.backends.forward_batches`); with ``tta`` the log of the mean probability over the slice
+        and its mirror image, so temperature scaling still applies."""
+        if len(slices) == 0:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return forward_batches(self._mirror_averaged if tta else self.backend, slices, batch_size=batch_size)
 
-    def _batch_logits(self, slices: np.ndarray, tta: bool) -> np.ndarray:
-        if not tta:
-            return self.backend(slices)
+    def _mirror_averaged(self, slices: np.ndarray) -> np.ndarray:
         views = [slices, slices[..., ::-1]]  # the left-right mirror training augments with; never upside down
         probs = np.mean([softmax(self.backend(np.ascontiguousarray(v))) for v in views], axis=0)
         return np.log(np.maximum(probs, 1e-12)).astype(np.float32)

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
 from torch import nn  # noqa: E402
 
-from . import DISCLAIMER  # noqa: E402
+from .about import DISCLAIMER  # noqa: E402
 from .checkpoint import data_root, load_checkpoint  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .data.ingest import load_images  # noqa: E402
@@ -43,7 +43,6 @@ from .explain import (  # noqa: E402
     layer_names,
     localization_scores,
     overlay,
-    slice_geometry,
 )
 from .metrics import (  # noqa: E402
     ECE_BINS,
@@ -254,9 +253,7 @@ def load_run_predictions(run_dir: str | Path, *, device: str = "auto") -> RunPre
     if not root.is_dir():
         raise BrainscanError(f"{root}: the run's data folder is gone; the report rebuilds test predictions from it.")
     pre = predictor.preprocess
-    table = load_images(
-        [root / r["path"] for r in rows], image_size=pre.image_size, crop_background=pre.crop_background
-    )
+    table = load_images([root / r["path"] for r in rows], pre.slice_format)
     if not table.kept:
         raise BrainscanError(f"None of the {len(rows)} test images of {run_dir} could be read.")
     kept = [rows[i] for i in table.kept]
@@ -754,7 +751,7 @@ def _gradcam_section(
         row = index_rows.get(run.paths[i]) if index_rows else None
         if row is not None and all(row.get(c) for c in BOX_COLUMNS):
             pre = run.predictor.preprocess
-            geometry = slice_geometry(read_image(run.root / run.paths[i]), pre.image_size, pre.crop_background)
+            geometry = pre.geometry(read_image(run.root / run.paths[i]))
             rgb = _draw_box(rgb, geometry.yolo_box_to_slice(*(float(row[c]) for c in BOX_COLUMNS)), (255, 255, 255))
         ok = p == run.targets[i]
         caption = (

@@ -29,7 +29,7 @@ from ..errors import BrainscanError
 from ..files import write_atomic
 from .fingerprint import FINGERPRINT_VERSION, Fingerprint, fingerprint_slice
 from .readers import ImageReadError, is_supported, read_image
-from .transforms import prepare_slice
+from .transforms import SliceFormat
 
 T = TypeVar("T")
 
@@ -197,9 +197,8 @@ def _read_cached(path: Path | None, read: Callable[[Path], T]) -> T | None:
 
 def load_images(
     paths: Sequence[str | Path],
+    slice_format: SliceFormat,
     *,
-    image_size: int,
-    crop_background: bool = True,
     cache_dir: str | Path | None = None,
     on_progress: Callable[[int], None] | None = None,
     workers: int | None = None,
@@ -222,7 +221,9 @@ def load_images(
             digest = file_sha1(path)
         except OSError as exc:
             return None, "", f"cannot read file ({exc.strerror or exc})", None
-        cached = cache / f"{digest}-{image_size}-{int(crop_background)}.npy" if cache else None
+        cached = (
+            cache / f"{digest}-{slice_format.image_size}-{int(slice_format.crop_background)}.npy" if cache else None
+        )
         cached_print = cache / f"{digest}-fingerprint-v{FINGERPRINT_VERSION}.npz" if cache and fingerprints else None
         array = _read_cached(cached, np.load)
         fingerprint = _read_cached(cached_print, lambda p: Fingerprint.load(p, digest))
@@ -231,7 +232,7 @@ def load_images(
         try:
             gray = read_image(path)
             if array is None:
-                array = prepare_slice(gray, image_size, crop_background=crop_background)
+                array = slice_format.prepare(gray)
                 if cached is not None:
                     write_atomic(cached, lambda f: np.save(f, array))
             if fingerprints and fingerprint is None:
@@ -254,5 +255,5 @@ def load_images(
                 skipped.append((str(paths[i]), error))
             if on_progress:
                 on_progress(1)
-    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+    stacked = np.stack(images) if images else np.zeros((0, slice_format.image_size, slice_format.image_size), np.uint8)
     return ImageTable(stacked, hashes, kept, skipped, prints if fingerprints else None)

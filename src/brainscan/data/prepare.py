@@ -17,6 +17,7 @@ from .duplicates import group_fingerprints
 from .fingerprint import Fingerprint
 from .ingest import load_images, scan_dataset
 from .splits import assign_splits, effective_groups, read_split_file
+from .transforms import SliceFormat
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ def prepare_data(
     with progress("Reading images", len(paths)) as advance:
         table = load_images(
             paths,
-            image_size=config.image_size,
-            crop_background=config.crop_background,
+            SliceFormat(config.image_size, config.crop_background),
             cache_dir=config.cache_dir,
             on_progress=advance,
             fingerprints=config.group_duplicates and split_file is None,

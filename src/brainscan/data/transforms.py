@@ -21,6 +21,18 @@ class Preprocess:
     crop_background: bool = True
     channels: int = 3  # grayscale is repeated to the channels the backbone expects
 
+    @property
+    def slice_format(self) -> SliceFormat:
+        return SliceFormat(self.image_size, self.crop_background)
+
+    def prepare(self, gray: np.ndarray) -> np.ndarray:
+        """A decoded slice → the model's ``uint8`` slice (crop, pad, resize)."""
+        return self.slice_format.prepare(gray)
+
+    def geometry(self, gray: np.ndarray) -> SliceGeometry:
+        """Where :meth:`prepare` puts the pixels of ``gray``."""
+        return self.slice_format.geometry(gray)
+
     def to_dict(self) -> dict:
         """Builtins only (lists, not tuples), so a checkpoint and its exported JSON hold identical values."""
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -81,15 +93,101 @@ def pad_to_square(gray: np.ndarray) -> np.ndarray:
     return out
 
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels; pixel (row i, column j) spans [j, j+1)×[i, i+1)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the pixels of an original image land in its prepared slice (crop, pad to square, resize).
+
+    Attributes:
+        original_shape: height and width of the original gray image.
+        crop: rows ``r0:r1`` and columns ``c0:c1`` kept by the background crop, as ``(r0, r1, c0, c1)``.
+        pad: top and left offsets of the crop inside the black square.
+        side: the square's side in original pixels.
+        size: the prepared slice's side in pixels.
+    """
+
+    original_shape: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    pad: tuple[int, int]
+    side: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        """Prepared-slice pixels per original pixel."""
+        return self.size / self.side
+
+    def point_to_slice(self, x: float, y: float) -> tuple[float, float]:
+        """An original-image point (pixel-edge coordinates) → the same point in the prepared slice."""
+        r0, _, c0, _ = self.crop
+        top, left = self.pad
+        return (x - c0 + left) * self.scale, (y - r0 + top) * self.scale
+
+    def box_to_slice(self, box: Box) -> Box:
+        """An original-image box ``(x0, y0, x1, y1)`` in pixels → the prepared slice, clipped to it."""
+        x0, y0 = self.point_to_slice(box[0], box[1])
+        x1, y1 = self.point_to_slice(box[2], box[3])
+        clip = lambda v: float(min(max(v, 0.0), self.size))  # noqa: E731
+        return clip(x0), clip(y0), clip(x1), clip(y1)
+
+    def yolo_box_to_slice(self, x_center: float, y_center: float, width: float, height: float) -> Box:
+        """A box normalised to the original image (YOLO: centre x, centre y, width, height) → slice pixels."""
+        h, w = self.original_shape
+        box = (
+            (x_center - width / 2) * w,
+            (y_center - height / 2) * h,
+            (x_center + width / 2) * w,
+            (y_center + height / 2) * h,
+        )
+        return self.box_to_slice(box)
+
+
+def slice_geometry(gray: np.ndarray, size: int, crop_background: bool = True) -> SliceGeometry:
+    """Where :func:`prepare_slice` puts the pixels of ``gray``: the background crop (:func:`content_box`), the
+    centring on a square (:func:`pad_to_square`) and the resize to ``size``. ``prepare_slice`` applies exactly this
+    geometry, so a box mapped with it lands where the pixels went."""
+    h, w = gray.shape[:2]
+    crop = content_box(gray) if crop_background else None
+    r0, r1, c0, c1 = crop if crop is not None else (0, h, 0, w)
+    ch, cw = r1 - r0, c1 - c0
+    side = max(ch, cw)
+    return SliceGeometry((h, w), (r0, r1, c0, c1), ((side - ch) // 2, (side - cw) // 2), side, size)
+
+
 def prepare_slice(gray: np.ndarray, size: int, *, crop_background: bool = True) -> np.ndarray:
-    """Decoded slice → ``size``×``size`` uint8: optional background crop, pad to square, antialiased resize."""
-    if crop_background:
-        gray = crop_to_content(gray)
-    square = pad_to_square(gray)
+    """Decoded slice → ``size``×``size`` uint8: optional background crop, pad to square, antialiased resize
+    (the :func:`slice_geometry` of ``gray``)."""
+    geometry = slice_geometry(gray, size, crop_background)
+    r0, r1, c0, c1 = geometry.crop
+    square = pad_to_square(gray[r0:r1, c0:c1])
     if square.shape[0] == size:
         return np.ascontiguousarray(square)
     resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class SliceFormat:
+    """The prepared slice's shape: square side and background crop. What decoding produces, and what the
+    decoded-image cache is keyed by; :class:`Preprocess` adds the model's normalisation."""
+
+    image_size: int
+    crop_background: bool = True
+
+    @property
+    def key(self) -> str:
+        """Names the format in cache file names."""
+        return f"{self.image_size}-{int(self.crop_background)}"
+
+    def prepare(self, gray: np.ndarray) -> np.ndarray:
+        """A decoded slice → the ``image_size``² ``uint8`` slice (:func:`prepare_slice`)."""
+        return prepare_slice(gray, self.image_size, crop_background=self.crop_background)
+
+    def geometry(self, gray: np.ndarray) -> SliceGeometry:
+        """Where :meth:`prepare` puts the pixels of ``gray`` (:func:`slice_geometry`)."""
+        return slice_geometry(gray, self.image_size, self.crop_background)
 
 
 @dataclass(frozen=True)
