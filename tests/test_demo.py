@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from brainscan.data.ingest import scan_dataset
-from brainscan.demo import demo_config, sample_dir
+from brainscan.data.splits import read_split_file
+from brainscan.demo import demo_config, run_demo, sample_dir
 
 
 def test_sample_is_small_complete_and_attributed() -> None:
@@ -34,3 +36,14 @@ def test_demo_config_reads_the_sample_with_its_fold_groups(tmp_path) -> None:
     ds = scan_dataset(config.data.root, index=config.data.index, group_column=config.data.group_column)
     assert ds.layout == "index" and len(ds.records) == 180
     assert config.model.name == "cnn" and config.model.weights is None
+
+
+def test_the_demo_predicts_a_held_out_slice_beside_its_true_label(tmp_path) -> None:
+    result = run_demo(tmp_path / "demo")
+    test_rows = {
+        r["path"]: r["label"] for r in read_split_file(tmp_path / "demo" / "split.csv") if r["split"] == "test"
+    }
+    held_out = str(Path(result["prediction"]["path"]).relative_to(sample_dir()))
+    assert test_rows[held_out] == result["prediction"]["true_label"]
+    assert result["metrics"]["protocol"]["split"] == "test"
+    run_demo(tmp_path / "demo")  # a previous demo run is replaced, not refused

@@ -97,10 +97,41 @@ def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(yes_no_fold
     )
 
 
-def test_an_existing_run_is_not_overwritten(yes_no_folder: Path, tmp_path: Path) -> None:
+def test_an_existing_run_is_not_overwritten_even_without_its_last_checkpoint(
+    yes_no_folder: Path, tmp_path: Path
+) -> None:
     train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
     with pytest.raises(BrainscanError, match="already holds a run"):
         train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
+    (tmp_path / "run" / "last.pt").unlink()
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    with pytest.raises(BrainscanError, match=r"already holds a run \(config.yaml, split.csv"):
+        train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before
+
+
+def test_a_run_that_cannot_start_leaves_no_run_directory(yes_no_folder: Path, tmp_path: Path) -> None:
+    missing_weights = replace(
+        tiny_config(yes_no_folder, tmp_path / "a"), model=ModelConfig(name="cnn", weights=str(tmp_path / "no.pth"))
+    )
+    with pytest.raises(BrainscanError, match="no such weights file"):
+        train(missing_weights)
+    for name in ("yes", "no"):
+        for image in (yes_no_folder / name).iterdir():
+            image.write_bytes(b"not an image")
+    with pytest.raises(BrainscanError, match="could be read"):
+        train(tiny_config(yes_no_folder, tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_imagenet_architecture_without_weights_needs_random_init(yes_no_folder: Path, tmp_path: Path) -> None:
+    config = replace(tiny_config(yes_no_folder, tmp_path / "run"), model=ModelConfig(name="mobilenet_v3_small"))
+    with pytest.raises(BrainscanError, match="no --weights were given.*--random-init"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    result = train(replace(config, model=ModelConfig(name="mobilenet_v3_small", random_init=True), train=replace(
+        config.train, epochs=1)))  # fmt: skip
+    assert result.best_checkpoint.is_file()
 
 
 def test_corrupt_files_are_skipped_and_reported_or_fatal_when_strict(yes_no_folder: Path, tmp_path: Path) -> None:
