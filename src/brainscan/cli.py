@@ -1,21 +1,30 @@
-"""The ``brainscan`` command: a thin Typer layer that builds a config, calls one library function, renders."""
+"""The ``brainscan`` command: a thin Typer layer that builds a config, calls one library function, renders.
+
+Options shared by several commands are ``Annotated`` aliases defined once below; ``train`` and ``cv`` take the
+same training options and turn them into a :class:`~brainscan.config.RunConfig` in one place,
+:func:`run_config` (starting from a run's ``config.yaml`` with ``--config``, the flags typed overriding it).
+User mistakes are :class:`~brainscan.errors.BrainscanError`, printed as one red line with exit code 2
+(:func:`friendly_errors`). ``docs/cli.md`` is generated from this app: ``python scripts/cli_docs.py``.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .about import DISCLAIMER
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .about import DISCLAIMER, __version__
+from .config import BALANCE, MONITORS, OPTIMIZERS, SCHEDULES, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .console import deferred_progress, screen_progress, setup_logging
-from .errors import BrainscanError
+from .errors import BrainscanError, unknown_choice
 
 T, D = TrainConfig, DataConfig  # option defaults come from the config, the one place they are defined
 
@@ -28,15 +37,197 @@ app = typer.Typer(
 out_console = Console()
 err_console = Console(stderr=True)
 
+# ------------------------------------------------------------------------------------------- shared options
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter; results and warnings only.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="A brainscan checkpoint (best.pt).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter; results only.")]
+Data = Annotated[
+    Path | None,
+    typer.Option(help="Image folder (class folders, split folders, an index's base) or an index CSV.", metavar="DIR"),
+]
 Index = Annotated[
     Path | None, typer.Option(help="CSV with path,label[,group][,split]; paths relative to --data or the CSV.")
 ]
 GroupColumn = Annotated[
     str | None, typer.Option(help="Index column whose values never straddle splits (e.g. cv_fold).")
 ]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Images = Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")]
+Tta = Annotated[bool, typer.Option(help="Average the slice and its left-right mirror.")]
+Resamples = Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")]
+ValFraction = Annotated[float, typer.Option(help="Share of the images for validation, when the data bring no split.")]
+TestFraction = Annotated[float, typer.Option(help="Share of the images for the test, when the data bring no split.")]
+# the data as a positional argument (audit, split before 0.2): still accepted, with a deprecation message
+PositionalData = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
+
+# the training options of `train` and `cv`
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Start from a run's config.yaml; the options given on the command line override it (--out is never "
+        "taken from it).",
+        metavar="FILE",
+    ),
+]
+Model = Annotated[str, typer.Option(help="Architecture: cnn, mobilenet_v2, resnet18, ... (see `brainscan models`).")]
+Weights = Annotated[
+    str | None, typer.Option(help="State_dict file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1).")
+]
+RandomInit = Annotated[
+    bool,
+    typer.Option(
+        "--random-init",
+        help="Let an ImageNet architecture start from random weights (without it or --weights: refused).",
+    ),
+]
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+Seed = Annotated[int, typer.Option(help="Seeds the split, the initialisation, the batches and the augmentation.")]
+ImageSize = Annotated[int, typer.Option(help="Square input size in pixels.")]
+BatchSize = Annotated[int, typer.Option(help="Images per training step.")]
+Lr = Annotated[float, typer.Option(help="Learning rate of the new head.")]
+BackboneLrScale = Annotated[float, typer.Option(help="Backbone lr = lr × this, once unfrozen.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW/Adam weight decay.")]
+Optimizer = Annotated[str, typer.Option(help=" or ".join(OPTIMIZERS) + ".")]
+Schedule = Annotated[str, typer.Option(help="Learning-rate schedule: " + ", ".join(SCHEDULES) + ".")]
+FreezeEpochs = Annotated[int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")]
+FreezeEarlyLayers = Annotated[
+    bool,
+    typer.Option(
+        "--freeze-early-layers/--train-early-layers",
+        help="Keep the pretrained early blocks (stride <= 4) frozen, or train every layer (slower on a CPU).",
+    ),
+]
+LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss.")]
+LowRes = Annotated[int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")]
+FullResEpochs = Annotated[int | None, typer.Option(help="Final epochs at --image-size (default: the last quarter).")]
+NoFeatureCache = Annotated[
+    bool, typer.Option("--no-feature-cache", help="Head-only epochs run the whole network instead of cached features.")
+]
+Patience = Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")]
+Monitor = Annotated[str, typer.Option(help="Selects best.pt: " + ", ".join(MONITORS) + ".")]
+Balance = Annotated[str, typer.Option(help="Class imbalance: " + ", ".join(BALANCE) + ".")]
+TargetSensitivity = Annotated[
+    float | None, typer.Option(help="Tumour threshold reaching this val sensitivity (default: Youden's J).")
+]
+NoAugment = Annotated[bool, typer.Option("--no-augment", help="Switch off train-time augmentation.")]
+CpuPassPixels = Annotated[
+    int, typer.Option(help="On a CPU, split bigger batches into passes of this many pixels (0: never).")
+]
+NoCrop = Annotated[bool, typer.Option("--no-crop", help="Keep the black background instead of cropping to the head.")]
+IgnoreDuplicates = Annotated[
+    bool,
+    typer.Option("--ignore-duplicates", help="Do not keep duplicate sets (exact, pixel, near copies) in one split."),
+]
+CacheDir = Annotated[Path | None, typer.Option(help="Reuse decoded images across runs from this folder.")]
+Strict = Annotated[bool, typer.Option(help="Unreadable files are fatal instead of skipped.")]
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _negated(value: bool) -> bool:
+    return not value
+
+
+def _path_string(value: Path | None) -> str | None:
+    return str(value) if value else None
+
+
+# Where each training option lands in the RunConfig: option name → (section, or None for the top level; field;
+# conversion). The flag is the option's name with dashes; negated flags (--no-crop) store the opposite.
+FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
+    "out": (None, "out", str),
+    "data": ("data", "root", _path_string),
+    "index": ("data", "index", _path_string),
+    "cache_dir": ("data", "cache_dir", _path_string),
+    "ignore_duplicates": ("data", "group_duplicates", _negated),
+    "no_crop": ("data", "crop_background", _negated),
+    **{name: ("data", name, _as_is) for name in
+       ("group_column", "val_fraction", "test_fraction", "strict", "image_size")},
+    "model": ("model", "name", _as_is),
+    "weights": ("model", "weights", _as_is),
+    "random_init": ("model", "random_init", _as_is),
+    "freeze_early_layers": ("train", "freeze_early", _as_is),
+    "no_feature_cache": ("train", "cache_head_features", _negated),
+    "no_augment": ("train", "augment", _negated),
+    **{name: ("train", name, _as_is) for name in
+       ("epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "optimizer", "schedule", "freeze_epochs",
+        "label_smoothing", "low_res", "full_res_epochs", "patience", "monitor", "balance", "target_sensitivity",
+        "cpu_pass_pixels", "seed", "device")},
+}  # fmt: skip
+# Config messages begin with the field they are about ("epochs must be at least 1."); the user typed a flag.
+FLAG_PHRASES = {field: "--" + name.replace("_", "-") for name, (_, field, _) in FIELDS.items()} | {
+    "val/test fractions": "--val-fraction/--test-fraction",
+    "val + test fractions": "--val-fraction + --test-fraction",
+    "freeze_epochs and patience": "--freeze-epochs and --patience",
+}
+
+
+def run_config(options: Mapping[str, Any], *, given: Collection[str] = (), base: RunConfig | None = None) -> RunConfig:
+    """The :class:`RunConfig` that ``train``/``cv`` options describe.
+
+    Args:
+        options: option name → value, as parsed (names that are no config field, e.g. ``quiet``, are ignored).
+        given: the options typed on the command line; with a ``base`` only these (and ``out``) replace its values.
+        base: a run's config (``--config``), or None to build from the options alone.
+
+    Raises:
+        BrainscanError: a value is out of range (the message names the flag) or an unknown name (the message
+            suggests the nearest valid one).
+    """
+    tree: dict[str, Any] = base.to_dict() if base else {"data": {}, "model": {}, "train": {}}
+    for name, value in options.items():
+        if name in FIELDS and (base is None or name in given or name == "out"):
+            section, field, convert = FIELDS[name]
+            (tree[section] if section else tree)[field] = convert(value)
+    from .models import list_models  # torchvision is imported only once a command needs it
+
+    for what, value, choices in [
+        ("model", tree["model"].get("name", ModelConfig.name), list_models()),
+        ("optimizer", tree["train"].get("optimizer", T.optimizer), OPTIMIZERS),
+        ("schedule", tree["train"].get("schedule", T.schedule), SCHEDULES),
+        ("monitor", tree["train"].get("monitor", T.monitor), MONITORS),
+        ("balance mode", tree["train"].get("balance", T.balance), BALANCE),
+    ]:
+        if value not in choices:
+            raise unknown_choice(what, value, choices)
+    try:
+        return RunConfig.from_dict(tree)
+    except BrainscanError as exc:
+        raise BrainscanError(_name_the_flag(str(exc))) from None
+
+
+def _name_the_flag(message: str) -> str:
+    for phrase in sorted(FLAG_PHRASES, key=len, reverse=True):
+        if message.startswith(phrase + " "):
+            return FLAG_PHRASES[phrase] + message[len(phrase) :]
+    return message
+
+
+def typed_options(ctx: typer.Context) -> set[str]:
+    """The options given on the command line (or through the environment), not left at their defaults."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items() if source is not None and not source.name.startswith("DEFAULT")}
+
+
+def _training_config(ctx: typer.Context, config_file: Path | None) -> RunConfig:
+    """``train``/``cv``: the run's config from the parsed options, over ``--config``'s file when given; checks
+    that the data exist before anything is created."""
+    base = None
+    if config_file is not None:
+        if not config_file.is_file():
+            raise BrainscanError(f"--config {config_file}: no such file.")
+        try:
+            base = RunConfig.load(config_file)
+        except BrainscanError as exc:
+            raise BrainscanError(f"--config {config_file}: {exc}") from None
+    config = run_config(ctx.params, given=typed_options(ctx), base=base)
+    for flag, path, kind in [("--data", config.data.root, "data folder"), ("--index", config.data.index, "index file")]:
+        if path is not None and not Path(path).exists():
+            raise BrainscanError(f"{flag} {path}: no such {kind}.")
+    return config
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,190 +238,136 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except BrainscanError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"brainscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _brainscan(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Brain-tumour MRI slice classification."""
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
 @app.command()
 @friendly_errors
 def train(
-    data: Annotated[
-        Path | None, typer.Option(help="Image folder (class folders, split folders, an index's base) or an index CSV.")
-    ] = None,
+    ctx: typer.Context,
+    data: Data = None,
     out: Annotated[Path, typer.Option(help="Run directory to create.")] = Path("runs/latest"),
+    config: ConfigFile = None,
     index: Index = None,
     group_column: GroupColumn = None,
-    model: Annotated[
-        str, typer.Option(help="Architecture: cnn, mobilenet_v2, resnet18, ... (see `brainscan models`).")
-    ] = ModelConfig.name,
-    weights: Annotated[
-        str | None, typer.Option(help="State_dict file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1).")
-    ] = None,
-    epochs: Annotated[int, typer.Option()] = T.epochs,
-    seed: Annotated[int, typer.Option()] = T.seed,
-    image_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = D.image_size,
-    batch_size: Annotated[int, typer.Option()] = T.batch_size,
-    lr: Annotated[float, typer.Option(help="Learning rate of the new head.")] = T.lr,
-    backbone_lr_scale: Annotated[
-        float, typer.Option(help="Backbone lr = lr × this, once unfrozen.")
-    ] = T.backbone_lr_scale,
-    weight_decay: Annotated[float, typer.Option()] = T.weight_decay,
-    optimizer: Annotated[str, typer.Option(help="adamw or adam.")] = T.optimizer,
-    schedule: Annotated[str, typer.Option(help="cosine, onecycle, plateau or none.")] = T.schedule,
-    freeze_epochs: Annotated[
-        int, typer.Option(help="Head-only epochs before unfreezing a pretrained backbone.")
-    ] = T.freeze_epochs,
-    freeze_early_layers: Annotated[
-        bool,
-        typer.Option(
-            "--freeze-early-layers/--train-early-layers",
-            help="Keep the pretrained early blocks (stride <= 4) frozen, or train every layer (slower on a CPU).",
-        ),
-    ] = T.freeze_early,
-    label_smoothing: Annotated[float, typer.Option()] = T.label_smoothing,
-    low_res: Annotated[
-        int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")
-    ] = T.low_res,
-    full_res_epochs: Annotated[
-        int | None, typer.Option(help="Final epochs at --image-size (default: the last quarter).")
-    ] = T.full_res_epochs,
-    no_feature_cache: Annotated[
-        bool,
-        typer.Option("--no-feature-cache", help="Head-only epochs run the whole network instead of cached features."),
-    ] = False,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = T.patience,
-    monitor: Annotated[
-        str, typer.Option(help="val_balanced_accuracy, val_accuracy, val_macro_f1 or val_loss.")
-    ] = T.monitor,
-    balance: Annotated[str, typer.Option(help="Class imbalance: none, sampler or loss.")] = T.balance,
-    target_sensitivity: Annotated[
-        float | None, typer.Option(help="Tumour threshold reaching this val sensitivity (default: Youden's J).")
-    ] = None,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="Switch off train-time augmentation.")] = False,
-    cpu_pass_pixels: Annotated[
-        int, typer.Option(help="On a CPU, split bigger batches into passes of this many pixels (0: never).")
-    ] = T.cpu_pass_pixels,
-    no_crop: Annotated[
-        bool, typer.Option("--no-crop", help="Keep the black background instead of cropping to the head.")
-    ] = False,
-    keep_duplicates_apart: Annotated[
-        bool,
-        typer.Option(
-            "--ignore-duplicates", help="Do not keep duplicate sets (exact, pixel, near copies) in one split."
-        ),
-    ] = False,
-    val_fraction: Annotated[float, typer.Option()] = D.val_fraction,
-    test_fraction: Annotated[float, typer.Option()] = D.test_fraction,
-    cache_dir: Annotated[Path | None, typer.Option(help="Reuse decoded images across runs from this folder.")] = None,
-    strict: Annotated[bool, typer.Option(help="Unreadable files are fatal instead of skipped.")] = False,
-    device: Device = "auto",
+    model: Model = ModelConfig.name,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    epochs: Epochs = T.epochs,
+    seed: Seed = T.seed,
+    image_size: ImageSize = D.image_size,
+    batch_size: BatchSize = T.batch_size,
+    lr: Lr = T.lr,
+    backbone_lr_scale: BackboneLrScale = T.backbone_lr_scale,
+    weight_decay: WeightDecay = T.weight_decay,
+    optimizer: Optimizer = T.optimizer,
+    schedule: Schedule = T.schedule,
+    freeze_epochs: FreezeEpochs = T.freeze_epochs,
+    freeze_early_layers: FreezeEarlyLayers = T.freeze_early,
+    label_smoothing: LabelSmoothing = T.label_smoothing,
+    low_res: LowRes = T.low_res,
+    full_res_epochs: FullResEpochs = T.full_res_epochs,
+    no_feature_cache: NoFeatureCache = False,
+    patience: Patience = T.patience,
+    monitor: Monitor = T.monitor,
+    balance: Balance = T.balance,
+    target_sensitivity: TargetSensitivity = T.target_sensitivity,
+    no_augment: NoAugment = False,
+    cpu_pass_pixels: CpuPassPixels = T.cpu_pass_pixels,
+    no_crop: NoCrop = False,
+    ignore_duplicates: IgnoreDuplicates = False,
+    val_fraction: ValFraction = D.val_fraction,
+    test_fraction: TestFraction = D.test_fraction,
+    cache_dir: CacheDir = None,
+    strict: Strict = False,
+    device: Device = T.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
     from .train import train as run_train
 
-    config = RunConfig(
-        data=_data_config(
-            data,
-            index,
-            cache_dir,
-            group_column=group_column,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            group_duplicates=not keep_duplicates_apart,
-            strict=strict,
-            image_size=image_size,
-            crop_background=not no_crop,
-        ),
-        out=str(out),
-        model=ModelConfig(name=model, weights=weights),
-        train=TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            backbone_lr_scale=backbone_lr_scale,
-            weight_decay=weight_decay,
-            optimizer=optimizer,
-            schedule=schedule,
-            freeze_epochs=freeze_epochs,
-            freeze_early=freeze_early_layers,
-            label_smoothing=label_smoothing,
-            low_res=low_res,
-            full_res_epochs=full_res_epochs,
-            cache_head_features=not no_feature_cache,
-            patience=patience,
-            monitor=monitor,
-            balance=balance,
-            target_sensitivity=target_sensitivity,
-            augment=not no_augment,
-            cpu_pass_pixels=cpu_pass_pixels,
-            seed=seed,
-            device=device,
-        ),
-    )
+    run = _training_config(ctx, config)
     setup_logging(quiet=quiet)
-    result = run_train(config, resume=resume, progress=screen_progress(quiet))
+    result = run_train(run, resume=resume, progress=screen_progress(quiet))
     _print_metrics(result.metrics, quiet=quiet)
-    out_console.print(f"Run directory: {result.run_dir}")
-
-
-def _data_config(data: Path | None, index: Path | None, cache_dir: Path | None, **fields: Any) -> DataConfig:
-    """The data section of a run's config from CLI options (paths become strings, absent ones stay None)."""
-    return DataConfig(
-        root=str(data) if data else None,
-        index=str(index) if index else None,
-        cache_dir=str(cache_dir) if cache_dir else None,
-        **fields,
-    )
+    out_console.print(f"Run directory: {result.run_dir}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @friendly_errors
 def cv(
-    data: Annotated[
-        Path | None, typer.Option(help="Image folder (any layout), an index's base, or an index CSV.")
-    ] = None,
+    ctx: typer.Context,
+    data: Data = None,
     out: Annotated[Path, typer.Option(help="Folder for the fold runs and cv_metrics.json.")] = Path("runs/cv"),
-    index: Index = None,
-    group_column: GroupColumn = None,
     folds: Annotated[
         int, typer.Option(help="Number of folds (a group column with this many values is used as is).")
     ] = 5,
-    model: Annotated[str, typer.Option(help="Architecture (see `brainscan models`).")] = ModelConfig.name,
-    weights: Annotated[str | None, typer.Option(help="State_dict file or torchvision weights name.")] = None,
-    epochs: Annotated[int, typer.Option()] = T.epochs,
-    seed: Annotated[int, typer.Option()] = T.seed,
-    image_size: Annotated[int, typer.Option()] = D.image_size,
-    batch_size: Annotated[int, typer.Option()] = T.batch_size,
-    keep_duplicates_apart: Annotated[
-        bool,
-        typer.Option("--ignore-duplicates", help="Do not keep duplicate sets (exact, pixel, near copies) in one fold."),
-    ] = False,
+    config: ConfigFile = None,
+    index: Index = None,
+    group_column: GroupColumn = None,
+    model: Model = ModelConfig.name,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    epochs: Epochs = T.epochs,
+    seed: Seed = T.seed,
+    image_size: ImageSize = D.image_size,
+    batch_size: BatchSize = T.batch_size,
+    lr: Lr = T.lr,
+    backbone_lr_scale: BackboneLrScale = T.backbone_lr_scale,
+    weight_decay: WeightDecay = T.weight_decay,
+    optimizer: Optimizer = T.optimizer,
+    schedule: Schedule = T.schedule,
+    freeze_epochs: FreezeEpochs = T.freeze_epochs,
+    freeze_early_layers: FreezeEarlyLayers = T.freeze_early,
+    label_smoothing: LabelSmoothing = T.label_smoothing,
+    low_res: LowRes = T.low_res,
+    full_res_epochs: FullResEpochs = T.full_res_epochs,
+    no_feature_cache: NoFeatureCache = False,
+    patience: Patience = T.patience,
+    monitor: Monitor = T.monitor,
+    balance: Balance = T.balance,
+    target_sensitivity: TargetSensitivity = T.target_sensitivity,
+    no_augment: NoAugment = False,
+    cpu_pass_pixels: CpuPassPixels = T.cpu_pass_pixels,
+    no_crop: NoCrop = False,
+    ignore_duplicates: IgnoreDuplicates = False,
+    val_fraction: ValFraction = D.val_fraction,
+    test_fraction: TestFraction = D.test_fraction,
     cache_dir: Annotated[Path | None, typer.Option(help="Decoded-image cache (default: inside --out).")] = None,
-    device: Device = "auto",
+    strict: Strict = False,
+    device: Device = T.device,
     quiet: Quiet = False,
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
     from .cv import SUMMARY_METRICS, cross_validate
+    from .train import check_new_run
 
-    config = RunConfig(
-        data=_data_config(
-            data,
-            index,
-            cache_dir,
-            group_column=group_column,
-            group_duplicates=not keep_duplicates_apart,
-            image_size=image_size,
-        ),
-        out=str(out),
-        model=ModelConfig(name=model, weights=weights),
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device),
-    )
+    run = _training_config(ctx, config)
+    check_new_run(run, Path(run.out))  # weights or --random-init, before the folder is created
     setup_logging(quiet=quiet)
-    summary = cross_validate(config, folds=folds, progress=screen_progress(quiet))
+    summary = cross_validate(run, folds=folds, progress=screen_progress(quiet))
     table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")
     table.add_column("metric")
     for k in range(1, folds + 1):
@@ -250,13 +387,13 @@ def cv(
 def evaluate(
     checkpoint: Checkpoint,
     data: Annotated[
-        Path | None, typer.Option(help="Evaluate on this folder instead of the run's recorded split.")
+        Path | None, typer.Option(help="Evaluate on this folder instead of the run's recorded split.", metavar="DIR")
     ] = None,
     index: Index = None,
     group_column: GroupColumn = None,
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Metrics JSON path (default: beside the checkpoint).")] = None,
-    tta: Annotated[bool, typer.Option(help="Average the slice and its left-right mirror.")] = False,
+    tta: Tta = False,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -264,6 +401,7 @@ def evaluate(
     from .evaluate import default_metrics_path
     from .evaluate import evaluate as run_evaluate
 
+    setup_logging(quiet=quiet)
     metrics = run_evaluate(
         checkpoint,
         data=data,
@@ -277,101 +415,112 @@ def evaluate(
     )
     _print_metrics(metrics, quiet=quiet)
     print(json.dumps(metrics, indent=2))
-    err_console.print(f"Metrics written to {out or default_metrics_path(checkpoint, split)}")
-
-
-def _image_files(paths: list[Path]) -> list[Path]:
-    """The given files, and the supported images inside the given folders (sorted)."""
-    from .data.readers import is_supported
-
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
-        else:
-            files.append(path)
-    if not files:
-        raise BrainscanError("No image files given.")
-    return files
-
-
-def _cam_paths(cam: Path, files: list[Path]) -> list[Path]:
-    """``--cam overlay.png`` for one input; ``overlay-<input stem>.png`` beside it for several."""
-    if len(files) == 1:
-        return [cam]
-    names, paths = set(), []
-    for file in files:
-        name, n = f"{cam.stem}-{file.stem}.png", 1
-        while name in names:  # same file name in two folders
-            n += 1
-            name = f"{cam.stem}-{file.stem}-{n}.png"
-        names.add(name)
-        paths.append(cam.with_name(name))
-    return paths
+    err_console.print(f"Metrics written to {out or default_metrics_path(checkpoint, split)}", soft_wrap=True)
 
 
 @app.command()
 @friendly_errors
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")],
+    paths: Images,
     checkpoint: Checkpoint,
-    tta: Annotated[bool, typer.Option(help="Average the slice and its left-right mirror.")] = False,
+    tta: Tta = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per input: path, label, probabilities.")
     ] = False,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     backend: Annotated[
-        str, typer.Option(help="auto (ONNX Runtime when best.onnx sits beside it), torch, onnxruntime.")
+        str, typer.Option(help="auto (ONNX Runtime when best.onnx sits beside it), torch, onnxruntime, torchscript.")
     ] = "auto",
     cam: Annotated[
         Path | None,
         typer.Option(
-            help="Write the predicted class's activation map over the slice to this PNG (several inputs: "
-            "NAME-<input>.png beside it)."
+            help="Write the predicted class's activation map over each slice: a .png file for one input, else a "
+            "folder of <input>-<method>.png (as `brainscan explain`).",
         ),
     ] = None,
-    cam_method: Annotated[str, typer.Option(help="CAM method for --cam (see `brainscan explain`).")] = "",
+    cam_method: Annotated[
+        str | None, typer.Option(help="CAM method for --cam (default fullgrad; see `brainscan explain`).")
+    ] = None,
     device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
-    """Classify images with a trained checkpoint. Unreadable files are reported and skipped (exit code 1)."""
-    from .data.readers import ImageReadError
-    from .predict import Predictor
+    """Classify images with a trained checkpoint. Unreadable files are listed and skipped (exit code 1)."""
+    from .predict import Predictor, Skipped, discover_images, predict_files
 
-    files = _image_files(paths)
-    if cam:  # pytorch-grad-cam is imported only when maps are asked for
-        from .explain import DEFAULT_METHOD, METHODS, explain, save_overlay
+    setup_logging(quiet=quiet)
+    files = discover_images(paths)
+    overlays: list[Path | None] = [None] * len(files)
+    if cam is not None:  # pytorch-grad-cam is imported only when maps are asked for
+        from .explain import check_method, explain, overlay_paths, save_overlay
 
-        cam_method = cam_method or DEFAULT_METHOD
-        if cam_method not in METHODS:
-            raise BrainscanError(f"Unknown CAM method {cam_method!r}; choose one of: {', '.join(METHODS)}.")
+        cam_method = check_method(cam_method)
+        overlays = [*overlay_paths(files, cam, method=cam_method)]
     # activation maps need the PyTorch graph; its outputs match the exported model's within 1e-4
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch" if cam else backend)
-    cam_files = _cam_paths(cam, files) if cam else [None] * len(files)
-    failures = 0
     table = Table("path", "label", "confidence", *predictor.class_names, *(["overlay"] if cam else []))
-    for file, cam_file in zip(files, cam_files, strict=True):
-        try:
-            result = predictor.predict(file, tta=tta)
-            if cam_file is not None:
-                save_overlay(explain(predictor, file, method=cam_method, target=result.label), cam_file)
-        except ImageReadError as exc:
-            failures += 1
-            err_console.print(f"[bold red]skipped[/] {exc}", highlight=False)
+    skipped = []
+    results = predict_files(predictor, files, tta=tta, batch_size=batch_size)
+    for result, overlay in zip(results, overlays, strict=True):
+        if isinstance(result, Skipped):
+            skipped.append(result)
             continue
-        record = result.to_dict() | ({"cam": str(cam_file), "cam_method": cam_method} if cam_file else {})
+        if overlay is not None:
+            save_overlay(explain(predictor, str(result.path), method=cam_method, target=result.label), overlay)
+        record = result.to_dict() | ({"cam": str(overlay), "cam_method": cam_method} if overlay else {})
         if as_json:
             print(json.dumps(record), flush=True)
         else:
-            table.add_row(
-                str(file),
-                result.label,
-                f"{result.confidence:.3f}",
-                *(f"{p:.3f}" for p in result.probabilities.values()),
-                *([str(cam_file)] if cam_file else []),
-            )
+            probabilities = (f"{p:.3f}" for p in result.probabilities.values())
+            table.add_row(str(result.path), result.label, f"{result.confidence:.3f}", *probabilities,
+                          *([str(overlay)] if overlay else []))  # fmt: skip
     if not as_json:
         out_console.print(table)
-    if failures:
+    _exit_if_skipped(skipped, len(files))
+
+
+@app.command()
+@friendly_errors
+def explain(
+    paths: Images,
+    checkpoint: Checkpoint,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the overlays (<input>-<method>.png), or a .png file for one input.")
+    ] = Path("cams"),
+    method: Annotated[
+        str | None,
+        typer.Option(help="fullgrad (default), gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ..."),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted class).")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Class activation maps (Grad-CAM family) over each slice as PNG overlays; unreadable files listed, skipped."""
+    from .explain import check_method, explain_files
+    from .predict import Predictor, Skipped, discover_images
+
+    setup_logging(quiet=quiet)
+    method = check_method(method)
+    files = discover_images(paths)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    table = Table("input", "label", "probability", "explained", "overlay", title=f"{method} maps")
+    skipped = []
+    for done in explain_files(predictor, files, out, method=method, target=target):
+        if isinstance(done, Skipped):
+            skipped.append(done)
+            continue
+        e = done.explanation
+        table.add_row(Path(e.path or "").name, e.label, f"{e.probability:.3f}", e.target, done.path.name)
+    out_console.print(table)
+    out_console.print(f"Overlays written to {out}", highlight=False, soft_wrap=True)
+    _exit_if_skipped(skipped, len(files))
+
+
+def _exit_if_skipped(skipped: list[Any], total: int) -> None:
+    """List the inputs that could not be read, each with its reason, and exit with code 1."""
+    if skipped:
+        err_console.print(f"[bold red]Skipped {len(skipped)} of {total} input(s)[/] that could not be read:")
+        for s in skipped:
+            err_console.print(f"  {s.path}: {s.reason}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -381,12 +530,14 @@ def export(
     checkpoint: Checkpoint,
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default: beside the checkpoint).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Export a checkpoint; outputs are checked against PyTorch (max abs difference <= 1e-4) on its test images."""
     from .export import export_model, reference_slices
 
+    setup_logging(quiet=quiet)
     path = export_model(checkpoint, fmt=fmt, out=out, check_slices=reference_slices(checkpoint))
-    out_console.print(f"Exported {fmt} to {path} (metadata: {path.with_suffix('.json')})")
+    out_console.print(f"Exported {fmt} to {path} (metadata: {path.with_suffix('.json')})", soft_wrap=True)
 
 
 @app.command()
@@ -415,7 +566,7 @@ def demo(
 
 
 @app.command("models")
-def list_architectures() -> None:
+def list_architectures(quiet: Quiet = False) -> None:
     """List the registered architectures."""
     from .models import get_spec, list_models
 
@@ -428,67 +579,24 @@ def list_architectures() -> None:
 
 @app.command()
 @friendly_errors
-def explain(
-    paths: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")],
-    checkpoint: Checkpoint,
-    out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs (one per input).")] = Path("cams"),
-    method: Annotated[
-        str, typer.Option(help="fullgrad (default), gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ...")
-    ] = "",
-    target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted class).")] = None,
-    device: Device = "auto",
-) -> None:
-    """Class activation maps (Grad-CAM family) over each input slice, written as PNG overlays."""
-    from .data.readers import ImageReadError
-    from .explain import DEFAULT_METHOD, METHODS, save_overlay
-    from .explain import explain as run_explain
-    from .predict import Predictor
-
-    method = method or DEFAULT_METHOD
-    if method not in METHODS:
-        raise BrainscanError(f"Unknown CAM method {method!r}; choose one of: {', '.join(METHODS)}.")
-    files = _image_files(paths)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    table = Table("input", "label", "probability", "explained", "overlay", title=f"{method} maps")
-    failures, used = 0, set()
-    for file in files:
-        try:
-            explanation = run_explain(predictor, file, method=method, target=target)
-        except ImageReadError as exc:
-            failures += 1
-            err_console.print(f"[bold red]skipped[/] {exc}", highlight=False)
-            continue
-        name, n = f"{file.stem}-{method}.png", 1
-        while name in used:  # same file name in two folders
-            n += 1
-            name = f"{file.stem}-{method}-{n}.png"
-        used.add(name)
-        written = save_overlay(explanation, out / name)
-        table.add_row(file.name, explanation.label, f"{explanation.probability:.3f}", explanation.target, written.name)
-    out_console.print(table)
-    out_console.print(f"Overlays written to {out}")
-    if failures:
-        raise typer.Exit(1)
-
-
-@app.command()
-@friendly_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `brainscan train`.")],
     out: Annotated[Path | None, typer.Option(help="HTML file (default: report.html in the run directory).")] = None,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    resamples: Resamples = 1000,
     localization_limit: Annotated[
         int, typer.Option(help="Tumour slices scored for localisation, when the index has boxes (0: all).")
     ] = 200,
     device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Write a self-contained HTML report of a run (and its numbers as JSON beside it)."""
     from .report import write_report
 
+    setup_logging(quiet=quiet)
     path = write_report(
         run_dir, out, device=device, n_resamples=resamples, localization_limit=localization_limit or None
     )
-    out_console.print(f"Report written to {path} (numbers: {path.with_suffix('.json')})")
+    out_console.print(f"Report written to {path} (numbers: {path.with_suffix('.json')})", soft_wrap=True)
 
 
 @app.command()
@@ -499,23 +607,24 @@ def compare(
     allow_mismatch: Annotated[
         bool, typer.Option("--allow-mismatch", help="Compare runs evaluated under different protocols (warned).")
     ] = False,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    resamples: Resamples = 1000,
     device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Compare runs side by side: metrics with confidence intervals, size, compute, speed, training time."""
     from .report import compare_runs
 
+    setup_logging(quiet=quiet)
     path = compare_runs(run_dirs, out, allow_mismatch=allow_mismatch, device=device, n_resamples=resamples)
-    out_console.print(f"Comparison written to {path} (numbers: {path.with_suffix('.json')})")
+    out_console.print(f"Comparison written to {path} (numbers: {path.with_suffix('.json')})", soft_wrap=True)
 
 
 @app.command()
 @friendly_errors
 def audit(
-    data: Annotated[
-        Path, typer.Argument(help="Dataset folder (class folders, split folders, an index's base) or an index CSV.")
-    ],
     out: Annotated[Path, typer.Option(help="Folder for duplicates.csv and audit.json (created).")],
+    positional_data: PositionalData = None,
+    data: Data = None,
     against: Annotated[
         list[Path] | None,
         typer.Option(help="Another dataset to search for copies (repeatable); its paths read NAME:path."),
@@ -529,6 +638,8 @@ def audit(
     """Find duplicate slices (exact, re-encoded, flipped/rotated/rescaled) and copies that leak across splits."""
     from .data.audit import audit_duplicates
 
+    data = _data_option(data, positional_data, "audit")
+    setup_logging(quiet=quiet)
     with deferred_progress("Auditing images", quiet=quiet) as (start, advance):
         result = audit_duplicates(data, index=index, against=against or (), on_start=start, on_progress=advance)
     counts = result.write(out)
@@ -543,23 +654,24 @@ def audit(
 @app.command("split")
 @friendly_errors
 def split_data(
-    data: Annotated[
-        Path, typer.Argument(help="Dataset folder (class folders, split folders, an index's base) or an index CSV.")
-    ],
     out: Annotated[Path, typer.Option(help="Split CSV to write: path,label,group,split.")],
+    positional_data: PositionalData = None,
+    data: Data = None,
     index: Index = None,
     group_column: GroupColumn = None,
     dedupe: Annotated[
         bool, typer.Option("--dedupe", help="Keep one file of each duplicate group and leave the others out.")
     ] = False,
-    seed: Annotated[int, typer.Option()] = 0,
-    val_fraction: Annotated[float, typer.Option()] = D.val_fraction,
-    test_fraction: Annotated[float, typer.Option()] = D.test_fraction,
+    seed: Annotated[int, typer.Option(help="Seeds the split.")] = 0,
+    val_fraction: ValFraction = D.val_fraction,
+    test_fraction: TestFraction = D.test_fraction,
     quiet: Quiet = False,
 ) -> None:
     """Write a stratified train/val/test split in which no duplicate group (or group-column value) straddles splits."""
     from .data.audit import duplicate_aware_split
 
+    data = _data_option(data, positional_data, "split")
+    setup_logging(quiet=quiet)
     with deferred_progress("Reading images", quiet=quiet) as (start, advance):
         result = duplicate_aware_split(
             data,
@@ -581,6 +693,23 @@ def split_data(
     out_console.print(f"Split: {result.description}", highlight=False, soft_wrap=True)
 
 
+def _data_option(data: Path | None, positional: Path | None, command: str) -> Path:
+    """``--data``, or the deprecated positional form (with a message on stderr saying what to type instead)."""
+    if positional is not None:
+        err_console.print(
+            f"[yellow]deprecated:[/] `brainscan {command} DATA`; use `brainscan {command} --data DATA` (the "
+            "positional form will be removed).",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if data is not None and data != positional:
+            raise BrainscanError(f"Two data folders given ({positional} and --data {data}); give --data once.")
+        return positional
+    if data is None:
+        raise BrainscanError("Give the data: --data DIR (an image folder or an index CSV).")
+    return data
+
+
 def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
     if quiet:
         return
@@ -595,6 +724,78 @@ def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
             extra = [f"{deleaked[key]:.4f}" if deleaked.get(key) is not None else "–"] if deleaked else []
             table.add_row(key, f"{metrics[key]:.4f}", *extra)
     err_console.print(table)
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def markdown_reference() -> str:
+    """``docs/cli.md``: every command with its help, usage and options, from the app itself (so it cannot drift;
+    ``python scripts/cli_docs.py`` writes it, a test compares)."""
+    group = typer.main.get_command(app)
+    commands: dict[str, Any] = dict(group.commands)  # in the order they are defined above
+    lines = [
+        "# Command-line reference",
+        "",
+        "<!-- Generated from the Typer app by `python scripts/cli_docs.py`; do not edit by hand. -->",
+        "",
+        _escape(group.help or ""),
+        "",
+        "`brainscan --version` prints the version; `brainscan COMMAND --help` shows a command's options.",
+        "",
+        "| Command | What it does |",
+        "|---|---|",
+        *(f"| [`{name}`](#brainscan-{name}) | {_escape(_first_sentence(c.help))} |" for name, c in commands.items()),
+    ]
+    for name, cmd in commands.items():
+        params = [p for p in cmd.params if not getattr(p, "hidden", False)]
+        arguments = [p for p in params if p.param_type_name == "argument"]
+        usage = " ".join(
+            ["brainscan", name, "[OPTIONS]" if len(arguments) < len(params) else "", *map(_usage, arguments)]
+        )
+        lines += ["", f"## brainscan {name}", "", _escape(cmd.help or ""), "", "```", " ".join(usage.split()), "```"]
+        if params:
+            lines += ["", "| Option | Default | Description |", "|---|---|---|"]
+            lines += [f"| {_flags(p)} | {_default(p)} | {_escape(p.help or '')} |" for p in params]
+    return "\n".join(lines) + "\n"
+
+
+def _first_sentence(text: str | None) -> str:
+    return (text or "").split(". ")[0].split(";")[0].rstrip(".") + "."
+
+
+def _escape(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _usage(argument: Any) -> str:
+    name = argument.name.upper() + ("..." if argument.nargs == -1 else "")
+    return name if argument.required else f"[{name}]"
+
+
+def _metavar(option: Any) -> str:
+    if option.metavar:
+        return option.metavar
+    kind = option.bare_type() if hasattr(option, "bare_type") else option.type.name  # typer >= 0.2x, else click
+    names = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "text": "TEXT", "path": "PATH", "list[path]": "PATH"}
+    return names.get(kind.lower(), kind.upper())
+
+
+def _flags(param: Any) -> str:
+    if param.param_type_name == "argument":
+        return f"`{_usage(param)}`"
+    flags = ", ".join(param.opts) + (" / " + ", ".join(param.secondary_opts) if param.secondary_opts else "")
+    return f"`{flags}`" if param.is_flag else f"`{flags} {_metavar(param)}`"
+
+
+def _default(param: Any) -> str:
+    if param.required:
+        return "required"
+    if param.param_type_name == "option" and param.is_flag:
+        if param.secondary_opts:
+            return f"`{param.opts[0] if param.default else param.secondary_opts[0]}`"
+        return "on" if param.default else "off"
+    return "–" if param.default is None else f"`{param.default}`"
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ segmentation. Research software, not a medical device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torch.nn import functional as F
 
-from .data.readers import read_image
+from .data.readers import ImageReadError, read_image
 from .data.transforms import Box, to_model_input
-from .errors import BrainscanError
+from .errors import BrainscanError, unknown_choice
 from .metrics import negative_class
 from .models import get_spec, list_models
-from .predict import ImageLike, Predictor
+from .predict import ImageLike, Predictor, Skipped
 
 
 def _rescale(values: np.ndarray) -> np.ndarray:
@@ -178,10 +178,18 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     return modules
 
 
-def _method_class(method: str) -> type[BaseCAM]:
+def check_method(method: str | None) -> str:
+    """``method`` if it is a :data:`METHODS` name (None: :data:`DEFAULT_METHOD`); the one place an unknown name
+    is refused, suggesting the nearest one."""
+    if method is None:
+        return DEFAULT_METHOD
     if method not in METHODS:
-        raise BrainscanError(f"Unknown CAM method {method!r}; choose one of: {', '.join(METHODS)}.")
-    return METHODS[method]
+        raise unknown_choice("CAM method", method, METHODS)
+    return method
+
+
+def _method_class(method: str) -> type[BaseCAM]:
+    return METHODS[check_method(method)]
 
 
 def _target_index(predictor: Predictor, target: int | str) -> int:
@@ -331,6 +339,80 @@ def save_overlay(explanation: Explanation, path: str | Path, *, colormap: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(explanation, colormap=colormap, alpha=alpha), mode="RGB").save(path, format="PNG")
     return path
+
+
+def overlay_paths(inputs: Sequence[str | Path], out: str | Path, *, method: str) -> list[Path]:
+    """Where each input's overlay goes: ``out`` itself when it is a ``.png`` file name and there is one input;
+    otherwise ``out/<input stem>-<method>.png`` (``-2``, ``-3`` appended when inputs share a stem).
+
+    Raises:
+        BrainscanError: ``out`` names one ``.png`` file but several inputs were given.
+    """
+    out = Path(out)
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        if len(inputs) != 1:
+            raise BrainscanError(
+                f"{out} names one overlay file but {len(inputs)} images were given; give a folder instead "
+                f"(one <image>-{method}.png per image)."
+            )
+        return [out]
+    taken: set[str] = set()
+    paths = []
+    for path in map(Path, inputs):
+        name, n = f"{path.stem}-{method}.png", 1
+        while name in taken:  # the same file name in two folders
+            n += 1
+            name = f"{path.stem}-{method}-{n}.png"
+        taken.add(name)
+        paths.append(out / name)
+    return paths
+
+
+@dataclass(frozen=True)
+class SavedOverlay:
+    """An input's explanation and the overlay PNG written for it."""
+
+    explanation: Explanation
+    path: Path
+
+
+def explain_files(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str | None = None,
+    target: int | str | None = None,
+    layers: Sequence[str] | None = None,
+) -> Iterator[SavedOverlay | Skipped]:
+    """Explain each file and write its overlay where :func:`overlay_paths` says, in input order; a file that
+    cannot be read yields :class:`~brainscan.predict.Skipped` with the reason and the others go on.
+
+    The method and the overlay names are checked before any map is computed.
+
+    Example:
+        >>> for done in explain_files(predictor, discover_images(["scans/"]), "cams"):  # doctest: +SKIP
+        ...     print(done.path if isinstance(done, SavedOverlay) else f"skipped {done.path}: {done.reason}")
+    """
+    method = check_method(method)
+    destinations = overlay_paths(paths, out, method=method)
+    return _explain_each(predictor, zip(paths, destinations, strict=True), method, target, layers)
+
+
+def _explain_each(
+    predictor: Predictor,
+    jobs: Iterable[tuple[str | Path, Path]],
+    method: str,
+    target: int | str | None,
+    layers: Sequence[str] | None,
+) -> Iterator[SavedOverlay | Skipped]:
+    for path, destination in jobs:
+        try:
+            explanation = explain(predictor, path, method=method, target=target, layers=layers)
+        except ImageReadError as exc:
+            yield Skipped(str(path), exc.reason)
+            continue
+        yield SavedOverlay(explanation, save_overlay(explanation, destination))
 
 
 # ----------------------------------------------------------------------------------------------- geometry

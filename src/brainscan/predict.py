@@ -4,7 +4,7 @@ ONNX Runtime, TorchScript, :mod:`brainscan.backends`) differ only in the forward
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,9 @@ from .backends import (
     resolve_device,
 )
 from .checkpoint import load_checkpoint
-from .data.readers import pil_to_gray, read_image, to_uint8
+from .data.readers import ImageReadError, is_supported, pil_to_gray, read_image, to_uint8
 from .data.transforms import Preprocess
-from .errors import BrainscanError
+from .errors import BrainscanError, unknown_choice
 from .models import create_model
 
 BACKENDS = ("auto", "torch", "onnxruntime", "torchscript")
@@ -52,6 +52,14 @@ class Prediction:
         if self.decision is not None:
             out["decision"] = self.decision
         return out
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that could not be read, in the place of its result; the other inputs go on."""
+
+    path: str
+    reason: str
 
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -110,7 +118,7 @@ class Predictor:
             model_path: the exported model for the onnxruntime/torchscript backends (default: beside the checkpoint).
         """
         if backend not in BACKENDS:
-            raise BrainscanError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+            raise unknown_choice("backend", backend, BACKENDS)
         ckpt = load_checkpoint(path)
         preprocess = Preprocess.from_dict(ckpt["preprocess"])
         if backend == "auto":
@@ -220,6 +228,56 @@ class Predictor:
         probs = self.predict_proba(np.stack([s for _, s in pending]), tta=tta)
         for (path, _), p in zip(pending, probs, strict=True):
             yield self._result(path, p)
+
+
+def discover_images(paths: Iterable[str | Path], *, recursive: bool = True) -> list[Path]:
+    """The given files as given, and the supported images inside the given folders (sorted, subfolders too
+    unless ``recursive=False``). A missing file stays in the list: reading it reports it, and the rest go on.
+
+    Raises:
+        BrainscanError: no file at all.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.glob("*")
+            files += sorted(p for p in found if p.is_file() and is_supported(p))
+        else:
+            files.append(path)
+    if not files:
+        raise BrainscanError("No image files given (folders are searched for JPEG/PNG/DICOM/NIfTI files).")
+    return files
+
+
+def predict_files(
+    predictor: Predictor, paths: Sequence[str | Path], *, tta: bool = False, batch_size: int = 32
+) -> Iterator[Prediction | Skipped]:
+    """One result per file in input order, one batch in flight: a :class:`Prediction`, or :class:`Skipped` with
+    the reason when the file cannot be read (the others go on).
+
+    Example:
+        >>> results = list(predict_files(predictor, discover_images(["scans/"])))  # doctest: +SKIP
+        >>> [r.path for r in results if isinstance(r, Skipped)]  # doctest: +SKIP
+    """
+    pending: list[tuple[str, np.ndarray | Skipped]] = []
+    for path in paths:
+        try:
+            pending.append((str(path), predictor.prepare(path)))
+        except ImageReadError as exc:
+            pending.append((str(path), Skipped(str(path), exc.reason)))
+        if sum(isinstance(item, np.ndarray) for _, item in pending) == batch_size:
+            yield from _predict_pending(predictor, pending, tta)
+            pending = []
+    yield from _predict_pending(predictor, pending, tta)
+
+
+def _predict_pending(
+    predictor: Predictor, pending: list[tuple[str, np.ndarray | Skipped]], tta: bool
+) -> Iterator[Prediction | Skipped]:
+    slices = [item for _, item in pending if isinstance(item, np.ndarray)]
+    probs = iter(predictor.predict_proba(np.stack(slices), tta=tta) if slices else ())
+    for path, item in pending:
+        yield item if isinstance(item, Skipped) else predictor._result(path, next(probs))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
