@@ -495,7 +495,7 @@ def compare(
     device: Device = "auto",
 ) -> None:
     """Compare runs side by side: metrics with confidence intervals, size, compute, speed, training time."""
-    from .report import compare_runs
+    from .compare import compare_runs
 
     path = compare_runs(run_dirs, out, allow_mismatch=allow_mismatch, device=device, n_resamples=resamples)
     out_console.print(f"Comparison written to {path} (numbers: {path.with_suffix('.json')})")
