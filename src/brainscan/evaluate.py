@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ class Scores:
     temperature: float
     metrics: dict[str, Any]  # the metrics.json schema
 
-    @property
+    @cached_property
     def probs(self) -> np.ndarray:
         """Calibrated probabilities, ``float32`` as :meth:`~brainscan.predict.Predictor.predict_proba` gives them."""
         return _calibrated(self.logits, self.temperature)
