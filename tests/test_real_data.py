@@ -60,7 +60,7 @@ def test_short_mobilenet_fine_tune_beats_chance_and_predict_agrees_with_evaluate
     assert result.metrics["accuracy"] >= 0.75  # majority class: 61%; one of the 37 test images is 2.7 points
     assert result.metrics["roc_auc"] >= 0.85
 
-    metrics = evaluate(result.best_checkpoint, quiet=True)
+    metrics = evaluate(result.best_checkpoint)
     assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
     predictor = Predictor.from_checkpoint(result.best_checkpoint)
     with (result.run_dir / "split.csv").open() as f:

@@ -166,7 +166,7 @@ def test_training_options_run_end_to_end(yes_no_folder: Path, tmp_path: Path, tr
 
 def test_evaluate_reuses_the_recorded_split_and_agrees_with_predict(yes_no_folder: Path, tmp_path: Path) -> None:
     result = train(tiny_config(yes_no_folder, tmp_path / "run", epochs=3))
-    metrics = evaluate(result.best_checkpoint, quiet=True)
+    metrics = evaluate(result.best_checkpoint)
     assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert metrics["protocol"]["n_evaluated"] == result.metrics["protocol"]["n_evaluated"]
     predictor = Predictor.from_checkpoint(result.best_checkpoint)
@@ -203,7 +203,7 @@ def test_predefined_split_with_a_copy_across_it_reports_raw_and_deleaked(tmp_pat
     assert result.metrics["protocol"]["groups_straddling_splits"] == 1
     assert result.metrics["deleaked"]["protocol"]["removed"] == 1
     assert result.metrics["deleaked"]["protocol"]["n_evaluated"] == result.metrics["protocol"]["n_evaluated"] - 1
-    assert evaluate(result.best_checkpoint, quiet=True)["deleaked"]["protocol"]["removed"] == 1
+    assert evaluate(result.best_checkpoint)["deleaked"]["protocol"]["removed"] == 1
 
 
 @pytest.mark.parametrize("freeze_early", [True, False], ids=["early-frozen", "all-trained"])

@@ -411,7 +411,7 @@ def evaluate(
         out=out,
         tta=tta,
         device=device,
-        quiet=quiet,
+        progress=screen_progress(quiet),
     )
     _print_metrics(metrics, quiet=quiet)
     print(json.dumps(metrics, indent=2))
@@ -594,7 +594,12 @@ def report(
 
     setup_logging(quiet=quiet)
     path = write_report(
-        run_dir, out, device=device, n_resamples=resamples, localization_limit=localization_limit or None
+        run_dir,
+        out,
+        device=device,
+        n_resamples=resamples,
+        localization_limit=localization_limit or None,
+        progress=screen_progress(quiet),
     )
     out_console.print(f"Report written to {path} (numbers: {path.with_suffix('.json')})", soft_wrap=True)
 
@@ -612,10 +617,13 @@ def compare(
     quiet: Quiet = False,
 ) -> None:
     """Compare runs side by side: metrics with confidence intervals, size, compute, speed, training time."""
-    from .report import compare_runs
+    from .compare import compare_runs
 
     setup_logging(quiet=quiet)
-    path = compare_runs(run_dirs, out, allow_mismatch=allow_mismatch, device=device, n_resamples=resamples)
+    path = compare_runs(
+        run_dirs, out, allow_mismatch=allow_mismatch, device=device, n_resamples=resamples,
+        progress=screen_progress(quiet),
+    )  # fmt: skip
     out_console.print(f"Comparison written to {path} (numbers: {path.with_suffix('.json')})", soft_wrap=True)
 
 

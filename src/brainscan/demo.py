@@ -49,7 +49,7 @@ def run_demo(out: str | Path = "runs/demo", *, progress: Progress = no_progress)
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     result = train(demo_config(out), progress=progress)
-    metrics = evaluate(result.best_checkpoint, split="test", quiet=True)
+    metrics = evaluate(result.best_checkpoint, split="test", progress=progress)
     held_out = next(row for row in read_split_file(result.run_dir / "split.csv") if row["split"] == "test")
     prediction = Predictor.from_checkpoint(result.best_checkpoint).predict(sample_dir() / held_out["path"]).to_dict()
     prediction["true_label"] = held_out["label"]

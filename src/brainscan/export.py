@@ -17,11 +17,9 @@ import numpy as np
 import torch
 
 from .backends import ExportWrapper, exported_path, write_onnx
-from .checkpoint import data_root, load_checkpoint
-from .data.ingest import load_images
-from .data.splits import read_split_file
-from .data.transforms import Preprocess
+from .checkpoint import load_checkpoint
 from .errors import BrainscanError
+from .evaluate import load_split
 from .predict import Predictor
 
 FORMATS = ("onnx", "torchscript")
@@ -104,12 +102,7 @@ def _add_onnx_metadata(path: Path, meta: dict[str, Any]) -> None:
 
 def reference_slices(checkpoint: str | Path, *, limit: int = 16) -> np.ndarray | None:
     """Up to ``limit`` prepared real test images of the checkpoint's run, for parity checks; None if unavailable."""
-    checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
-    root, split_file = data_root(ckpt), checkpoint.parent / "split.csv"
-    if root is None or not split_file.is_file():
+    try:
+        return load_split(checkpoint, split="test", limit=limit).images
+    except BrainscanError:  # no split.csv, no data folder, or nothing readable: the export checks without them
         return None
-    rows = [r for r in read_split_file(split_file) if r["split"] == "test"][:limit]
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    table = load_images([root / r["path"] for r in rows], pre.slice_format)
-    return table.images if len(table.images) else None

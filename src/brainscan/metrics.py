@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +23,10 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from .labels import is_negative
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")  # the headline scores, with intervals
+# Below this many groups in a split, a group bootstrap draws from a handful of distinct resamples: its percentile
+# interval says little, so single images are resampled instead (and the protocol says so).
+MIN_BOOTSTRAP_GROUPS = 20
 
 
 def negative_class(class_names: Sequence[str]) -> int | None:
@@ -35,21 +41,33 @@ def positive_class(class_names: Sequence[str]) -> int:
     return 1 - neg if neg is not None and len(class_names) == 2 else 1
 
 
+def summary_scores(targets: Sequence[int], probs: np.ndarray, num_classes: int) -> dict[str, float | None]:
+    """Accuracy, balanced accuracy (the mean recall of the classes present), macro F1 (over all ``num_classes``) and
+    ROC-AUC (binary: of class 1; else one-vs-rest macro; None when a class is absent), with scikit-learn."""
+    y = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = list(range(num_classes))
+    pred = probs.argmax(1)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "roc_auc": _roc_auc(y, probs, labels),
+    }
+
+
 def compute_metrics(
     targets: Sequence[int], probs: np.ndarray, class_names: Sequence[str], *, protocol: dict[str, Any]
 ) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro F1, ROC-AUC (binary or one-vs-rest macro), per-class scores,
-    confusion matrix; binary problems add sensitivity and specificity of the tumour class."""
+    """The :func:`summary_scores`, per-class scores and the confusion matrix; binary problems add sensitivity and
+    specificity of the tumour class."""
     y = np.asarray(targets)
     probs = np.asarray(probs, dtype=np.float64)
     labels = list(range(len(class_names)))
     pred = probs.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     out: dict[str, Any] = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "roc_auc": _roc_auc(y, probs, labels),
+        **summary_scores(y, probs, len(class_names)),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
@@ -127,6 +145,40 @@ def sensitivity_specificity(scores: np.ndarray, is_tumour: np.ndarray, threshold
     return sens, spec
 
 
+def operating_point(
+    val_probs: np.ndarray,
+    val_targets: np.ndarray,
+    test_probs: np.ndarray,
+    test_targets: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    target_sensitivity: float | None = None,
+) -> dict[str, Any]:
+    """Tumour-vs-no-tumour threshold chosen on val (:func:`choose_threshold`), with the sensitivity and specificity
+    it gives on val and on test; empty when the classes say nothing about tumour or val lacks either side."""
+    val = tumour_scores(val_probs, class_names)
+    if val is None:
+        return {}
+    val_scores, negative = val
+    negative_index = list(class_names).index(negative)
+    val_tumour = np.asarray(val_targets) != negative_index
+    if val_tumour.all() or not val_tumour.any():
+        return {}
+    threshold, method = choose_threshold(val_scores, val_tumour, target_sensitivity=target_sensitivity)
+    test_scores, _ = tumour_scores(test_probs, class_names)
+    val_sens, val_spec = sensitivity_specificity(val_scores, val_tumour, threshold)
+    test_sens, test_spec = sensitivity_specificity(test_scores, np.asarray(test_targets) != negative_index, threshold)
+    return {
+        "negative_class": negative,
+        "threshold": threshold,
+        "method": method,
+        "val_sensitivity": val_sens,
+        "val_specificity": val_spec,
+        "test_sensitivity": test_sens,
+        "test_specificity": test_spec,
+    }
+
+
 def deleaked_metrics(
     targets: np.ndarray,
     probs: np.ndarray,
@@ -152,6 +204,88 @@ def deleaked_metrics(
     return compute_metrics(np.asarray(targets)[keep], np.asarray(probs)[keep], class_names, protocol=protocol)
 
 
+def bootstrap_metrics(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    num_classes: int,
+    *,
+    groups: Sequence[str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Percentile bootstrap confidence intervals of the :func:`summary_scores`.
+
+    With ``groups`` (patient or duplicate set per image) whole groups are resampled, since slices of one group are
+    correlated; images are resampled when no groups are given, when every image is its own group (the same
+    draws), or when fewer than :data:`MIN_BOOTSTRAP_GROUPS` groups exist. ``protocol.resampling`` says which.
+
+    Returns:
+        ``{metric: {"value", "ci_low", "ci_high", "n_resamples"}}`` for :data:`SUMMARY_METRICS`, where
+        ``n_resamples`` counts the resamples in which the metric was defined (ROC-AUC needs every class present)
+        and undefined values are None, plus ``protocol``.
+    """
+    targets, probs = np.asarray(targets), np.asarray(probs, dtype=np.float64)
+    members, resampling = _resampling_units(groups, len(targets))
+    point = summary_scores(targets, probs, num_classes)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in SUMMARY_METRICS}
+    with warnings.catch_warnings():
+        # a resample may miss a class: sklearn warns, the metric is still defined (or None, and not counted)
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(n_resamples):
+            if members is None:
+                pick = rng.integers(0, len(targets), len(targets))
+            else:
+                pick = np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
+            for key, value in summary_scores(targets[pick], probs[pick], num_classes).items():
+                if value is not None and not math.isnan(value):
+                    draws[key].append(value)
+    tail = (1 - level) / 2 * 100
+    out: dict[str, Any] = {}
+    for key in SUMMARY_METRICS:
+        values = np.asarray(draws[key])
+        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (math.nan, math.nan)
+        out[key] = {
+            "value": _finite(point[key]),
+            "ci_low": _finite(low),
+            "ci_high": _finite(high),
+            "n_resamples": len(values),
+        }
+    out["protocol"] = {
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "level": level,
+        "method": "percentile",
+        "resampling": resampling,
+    }
+    return out
+
+
+def _resampling_units(groups: Sequence[str] | None, n: int) -> tuple[list[np.ndarray] | None, str]:
+    """What a bootstrap draws, and how to say so: the image indices of each group (in order of first appearance),
+    or None for single images."""
+    if groups is None:
+        return None, "images (no groups known)"
+    _, first, codes = np.unique(np.asarray(groups, dtype=str), return_index=True, return_inverse=True)
+    if len(first) == n:
+        return None, "images (every image is its own group)"
+    if len(first) < MIN_BOOTSTRAP_GROUPS:
+        return None, (
+            f"images: only {len(first)} group(s), fewer than {MIN_BOOTSTRAP_GROUPS}; images of one group are "
+            "resampled independently, so the intervals are optimistic where they are correlated"
+        )
+    rank = np.argsort(np.argsort(first))  # group code -> order of first appearance
+    codes = rank[codes]
+    order = np.argsort(codes, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+    return members, f"groups: {len(members)} groups (patients or duplicate sets) resampled whole"
+
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Top-label expected calibration error (L1) over ``n_bins`` equal-width confidence bins (torchmetrics)."""
     probs = torch.as_tensor(np.asarray(probs, dtype=np.float32))
@@ -160,6 +294,25 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
             probs, torch.as_tensor(np.asarray(targets)).long(), num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
         )
     )
+
+
+def reliability_table(probs: np.ndarray, targets: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Per-bin mean confidence, accuracy and count of the top-label predictions: the bins of
+    :func:`expected_calibration_error` (``n_bins + 1``, the last holding confidences of exactly 1).
+
+    Ours because scikit-learn's ``calibration_curve`` drops empty bins and returns no counts, which the ECE needs.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == targets).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.searchsorted(edges, confidence, side="right") - 1
+    count = np.bincount(index, minlength=n_bins + 1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.nan_to_num(np.bincount(index, confidence, minlength=n_bins + 1) / count)
+        acc = np.nan_to_num(np.bincount(index, correct, minlength=n_bins + 1) / count)
+    return {"confidence": conf, "accuracy": acc, "count": count, "edges": edges}
 
 
 def calibration_summary(logits: np.ndarray, targets: np.ndarray, temperature: float) -> dict[str, Any]:

@@ -26,18 +26,12 @@ from .data.prepare import PreparedData, prepare_data
 from .data.splits import write_split_file
 from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_input
 from .errors import BrainscanError
+from .evaluate import Split, score_split
+from .figures import confusion_matrix_figure, curves_figure, examples_figure, save_png
 from .files import write_json
 from .hardware import release_free_memory, set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
-from .metrics import (
-    calibration_summary,
-    choose_threshold,
-    compute_metrics,
-    deleaked_metrics,
-    fit_temperature,
-    sensitivity_specificity,
-    tumour_scores,
-)
+from .metrics import compute_metrics
 from .models import (
     ModelSpec,
     backbone_parameters,
@@ -48,7 +42,7 @@ from .models import (
     head_parameters,
     set_backbone_frozen,
 )
-from .predict import Predictor, softmax
+from .predict import Predictor
 from .progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
@@ -225,7 +219,7 @@ def train(
             break
     train_seconds = time.time() - started
     return _finish(run_dir, s.data, s.preprocess, s.device, tracker.history, train_seconds, tracker.best_epoch,
-                   config.train.target_sensitivity)  # fmt: skip
+                   config.train.target_sensitivity, progress=progress)  # fmt: skip
 
 
 def check_new_run(config: RunConfig, run_dir: Path) -> None:
@@ -601,11 +595,12 @@ def _finish(
     history: list[dict[str, Any]],
     train_seconds: float,
     best_epoch: int,
-    target_sensitivity: float | None,
+    target_sensitivity: float | None = None,
+    *,
+    progress: Progress = no_progress,
 ) -> RunResult:
-    """Calibrate the best model on val, score it on test, write metrics.json, plots and the final best.pt."""
-    from .plots import plot_confusion_matrix, plot_curves, plot_examples
-
+    """Score the best model (:func:`~brainscan.evaluate.score_split`: temperature and operating point from val,
+    metrics on test), write metrics.json, plots and the final best.pt."""
     best = load_checkpoint(run_dir / "best.pt")
     model = create_model(best["arch"], len(data.class_names))
     model.load_state_dict(best["model_state"])
@@ -613,85 +608,43 @@ def _finish(
         fast_backend(model, preprocess, device), class_names=data.class_names, preprocess=preprocess, arch=best["arch"]
     )
     val_idx, test_idx = data.subset("val"), data.subset("test")
-    val_logits = predictor.raw_logits(data.images[val_idx], batch_size=32)
-    temperature = fit_temperature(torch.from_numpy(val_logits), torch.from_numpy(data.targets[val_idx]))
-    test_logits = predictor.raw_logits(data.images[test_idx], batch_size=32)
-    probs = softmax(test_logits, temperature).astype(np.float32)
-    protocol = {**data.protocol, "split": "test", "n_evaluated": len(test_idx)}
-    metrics = compute_metrics(data.targets[test_idx], probs, data.class_names, protocol=protocol)
-    calibration = {
-        **calibration_summary(test_logits, data.targets[test_idx], temperature),
-        "method": "temperature scaling on the val split",
-    }
-    metrics["calibration"] = calibration
-    operating_point = _operating_point(
-        softmax(val_logits, temperature).astype(np.float32), data.targets[val_idx], probs, data.targets[test_idx],
-        data.class_names, target_sensitivity=target_sensitivity,
-    )  # fmt: skip
-    if operating_point:
-        metrics["operating_point"] = operating_point
-    seen = {row["group"] for row in data.rows if row["split"] in ("train", "val")}
-    deleaked = deleaked_metrics(
+    test = Split(
+        data.images[test_idx],
         data.targets[test_idx],
-        probs,
-        data.class_names,
         groups=[data.rows[i]["group"] for i in test_idx],
-        seen_groups=seen,
+        seen_groups={row["group"] for row in data.rows if row["split"] in ("train", "val")},
+        protocol={**data.protocol, "split": "test", "n_evaluated": len(test_idx)},
     )
-    if deleaked:
-        metrics["deleaked"] = deleaked
+    val = Split(data.images[val_idx], data.targets[val_idx])
+    scores = score_split(
+        predictor, test, val=val, batch_size=32, target_sensitivity=target_sensitivity, progress=progress
+    )
+    metrics = scores.metrics
     metrics["best_epoch"] = best_epoch
     metrics["train_seconds"] = round(train_seconds, 1)
     write_json(run_dir / "metrics.json", metrics)
-    best["calibration"] = {k: calibration[k] for k in ("temperature", "method")}
-    best["operating_point"] = operating_point
+    best["calibration"] = {k: metrics["calibration"][k] for k in ("temperature", "method")}
+    best["operating_point"] = metrics.get("operating_point", {})
     best["metrics"] = metrics
     save_checkpoint(best, run_dir / "best.pt")
 
-    plot_curves(history, run_dir / "curves.png")
-    plot_confusion_matrix(metrics["confusion_matrix"], data.class_names, run_dir / "confusion_matrix.png")
-    plot_examples(
-        data.images[test_idx], data.targets[test_idx], probs, data.class_names, run_dir / "examples.png", seed=0
+    save_png(curves_figure(history), run_dir / "curves.png")
+    save_png(confusion_matrix_figure(metrics["confusion_matrix"], data.class_names), run_dir / "confusion_matrix.png")
+    save_png(
+        examples_figure(test.images, test.targets, scores.probs, data.class_names, seed=0),
+        run_dir / "examples.png",
+        dpi=80,
     )
+    roc_auc = metrics["roc_auc"]
     log.info(
-        f"Test ({len(test_idx)} images): accuracy {metrics['accuracy']:.3f}, balanced accuracy "
-        f"{metrics['balanced_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}, ROC-AUC "
-        f"{metrics['roc_auc'] if metrics['roc_auc'] is None else round(metrics['roc_auc'], 3)}"
+        "Test (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f, ROC-AUC %s",
+        len(test_idx),
+        metrics["accuracy"],
+        metrics["balanced_accuracy"],
+        metrics["macro_f1"],
+        roc_auc if roc_auc is None else round(roc_auc, 3),
     )
     return RunResult(run_dir, run_dir / "best.pt", metrics, history)
-
-
-def _operating_point(
-    val_probs: np.ndarray,
-    val_targets: np.ndarray,
-    test_probs: np.ndarray,
-    test_targets: np.ndarray,
-    class_names: list[str],
-    *,
-    target_sensitivity: float | None,
-) -> dict[str, Any]:
-    """Tumour-vs-no-tumour threshold chosen on val, with the sensitivity/specificity it gives on test."""
-    val = tumour_scores(val_probs, class_names)
-    if val is None:
-        return {}
-    val_scores, negative = val
-    negative_index = class_names.index(negative)
-    val_tumour = val_targets != negative_index
-    if val_tumour.all() or not val_tumour.any():
-        return {}
-    threshold, method = choose_threshold(val_scores, val_tumour, target_sensitivity=target_sensitivity)
-    test_scores, _ = tumour_scores(test_probs, class_names)
-    val_sens, val_spec = sensitivity_specificity(val_scores, val_tumour, threshold)
-    test_sens, test_spec = sensitivity_specificity(test_scores, test_targets != negative_index, threshold)
-    return {
-        "negative_class": negative,
-        "threshold": threshold,
-        "method": method,
-        "val_sensitivity": val_sens,
-        "val_specificity": val_spec,
-        "test_sensitivity": test_sens,
-        "test_specificity": test_spec,
-    }
 
 
 def _describe_data(data: PreparedData) -> str:

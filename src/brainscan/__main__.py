@@ -1,0 +1,5 @@
+"""``python -m brainscan``: the command line."""
+
+from .cli import main
+
+main()
