@@ -190,7 +190,7 @@ def check_weights(spec: ModelSpec, weights: str) -> Path | WeightsEnum:
     try:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        names = ", ".join(["DEFAULT", *enum.__members__])
+        names = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is also an alias member
         raise BrainscanError(f"{weights!r}: no such weights file, nor a {spec.weights_enum} name ({names}).") from None
 
 
