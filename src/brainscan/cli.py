@@ -362,10 +362,8 @@ def cv(
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
     from .cv import SUMMARY_METRICS, cross_validate
-    from .train import check_new_run
 
     run = _training_config(ctx, config)
-    check_new_run(run, Path(run.out))  # weights or --random-init, before the folder is created
     setup_logging(quiet=quiet)
     summary = cross_validate(run, folds=folds, progress=screen_progress(quiet))
     table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")

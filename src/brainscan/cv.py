@@ -19,11 +19,11 @@ from .data.splits import assign_splits, effective_groups
 from .data.transforms import SliceFormat
 from .errors import BrainscanError
 from .files import write_json
+from .metrics import SUMMARY_METRICS
 from .progress import Progress, no_progress
-from .train import train
+from .train import check_new_run, train
 
 log = logging.getLogger(__name__)
-SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 
 
 def assign_folds(
@@ -56,6 +56,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     if folds < 2:
         raise BrainscanError("--folds must be at least 2.")
     out = Path(config.out)
+    check_new_run(config, out)  # weights (or random_init), and no single run at out, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     data = config.data
     ds = scan_dataset(data.root, index=data.index, group_column=data.group_column)
