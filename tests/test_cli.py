@@ -293,3 +293,9 @@ def test_models_lists_the_registry() -> None:
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
     assert "mobilenet_v2" in result.stdout and "cnn" in result.stdout
+
+
+def test_resume_needs_only_the_run_directory_and_a_new_epoch_budget(trained_run: Path) -> None:
+    resumed = runner.invoke(app, ["train", "--out", str(trained_run), "--resume", "--epochs", "3", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len((trained_run / "history.csv").read_text().splitlines()) == 1 + 3

@@ -302,12 +302,16 @@ def train(
     cache_dir: CacheDir = None,
     strict: Strict = False,
     device: Device = T.device,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last.pt (its config.yaml supplies --data).")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
     from .train import train as run_train
 
+    if resume and config is None and (out / "config.yaml").is_file():
+        config = out / "config.yaml"  # the run's own settings: --resume needs no --data (only --epochs may change)
     run = _training_config(ctx, config)
     setup_logging(quiet=quiet)
     result = run_train(run, resume=resume, progress=screen_progress(quiet))
