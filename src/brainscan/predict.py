@@ -4,7 +4,7 @@ ONNX Runtime, TorchScript, :mod:`brainscan.backends`) differ only in the forward
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,23 +211,12 @@ class Predictor:
     def predict_many(
         self, paths: Iterable[str | Path], *, tta: bool = False, batch_size: int = 32
     ) -> Iterator[Prediction]:
-        """Stream predictions over many files with bounded memory (one batch in flight).
-
-        Unreadable files raise :class:`~brainscan.data.readers.ImageReadError` naming the file.
-        """
-        pending: list[tuple[str, np.ndarray]] = []
-        for path in paths:
-            pending.append((str(path), self.prepare(path)))
-            if len(pending) == batch_size:
-                yield from self._flush(pending, tta)
-                pending = []
-        if pending:
-            yield from self._flush(pending, tta)
-
-    def _flush(self, pending: list[tuple[str, np.ndarray]], tta: bool) -> Iterator[Prediction]:
-        probs = self.predict_proba(np.stack([s for _, s in pending]), tta=tta)
-        for (path, _), p in zip(pending, probs, strict=True):
-            yield self._result(path, p)
+        """Stream predictions over many files with bounded memory (one batch in flight): :func:`predict_files`,
+        except that an unreadable file raises :class:`~brainscan.data.readers.ImageReadError` naming the file."""
+        for result in predict_files(self, paths, tta=tta, batch_size=batch_size):
+            if isinstance(result, Skipped):
+                raise ImageReadError(result.path, result.reason)
+            yield result
 
 
 def discover_images(paths: Iterable[str | Path], *, recursive: bool = True) -> list[Path]:
@@ -250,7 +239,7 @@ def discover_images(paths: Iterable[str | Path], *, recursive: bool = True) -> l
 
 
 def predict_files(
-    predictor: Predictor, paths: Sequence[str | Path], *, tta: bool = False, batch_size: int = 32
+    predictor: Predictor, paths: Iterable[str | Path], *, tta: bool = False, batch_size: int = 32
 ) -> Iterator[Prediction | Skipped]:
     """One result per file in input order, one batch in flight: a :class:`Prediction`, or :class:`Skipped` with
     the reason when the file cannot be read (the others go on).
@@ -260,14 +249,16 @@ def predict_files(
         >>> [r.path for r in results if isinstance(r, Skipped)]  # doctest: +SKIP
     """
     pending: list[tuple[str, np.ndarray | Skipped]] = []
+    readable = 0
     for path in paths:
         try:
             pending.append((str(path), predictor.prepare(path)))
+            readable += 1
         except ImageReadError as exc:
             pending.append((str(path), Skipped(str(path), exc.reason)))
-        if sum(isinstance(item, np.ndarray) for _, item in pending) == batch_size:
+        if readable == batch_size:
             yield from _predict_pending(predictor, pending, tta)
-            pending = []
+            pending, readable = [], 0
     yield from _predict_pending(predictor, pending, tta)
 
 

@@ -4,12 +4,13 @@ fitting, validation, checkpoints, and the final scoring — in the manner of tor
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_in
 from .errors import BrainscanError
 from .evaluate import Split, score_split
 from .figures import confusion_matrix_figure, curves_figure, examples_figure, save_png
-from .files import write_json
+from .files import write_atomic, write_json
 from .hardware import release_free_memory, set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
 from .metrics import compute_metrics
@@ -138,6 +139,13 @@ class Session:
     augment: BatchAugment | None
     augment_rng: torch.Generator
     head_inputs: torch.Tensor | None = None  # backbone features of the training images, for head-only epochs
+
+    @cached_property
+    def bn_sample(self) -> np.ndarray:
+        """A fixed, class-mixed sample of training images (records are stored class by class) on which BatchNorm
+        statistics are re-estimated before each validation at the served size."""
+        order = np.random.default_rng(self.config.train.seed).permutation(self.train_idx)
+        return np.sort(order[:BN_RECALIBRATION_IMAGES])
 
     @property
     def per_step_scheduler(self) -> Any:
@@ -368,9 +376,7 @@ def _validate_epoch(s: Session, *, recalibrate: bool, size: int) -> EpochOutput:
     served size on the fastest backend (ONNX Runtime on a CPU), after re-estimating BatchNorm statistics when the
     backbone trained; at a low-resolution epoch's own size on the model itself."""
     if recalibrate:
-        # a fixed, class-mixed sample (records are stored class by class)
-        sample = np.sort(np.random.default_rng(s.config.train.seed).permutation(s.train_idx)[:BN_RECALIBRATION_IMAGES])
-        recalibrate_batchnorm(s.model, s.data.images[sample], preprocess=s.preprocess, device=s.device)
+        recalibrate_batchnorm(s.model, s.data.images[s.bn_sample], preprocess=s.preprocess, device=s.device)
     if size == s.preprocess.image_size:
         backend = fast_backend(s.model, s.preprocess, s.device)
     else:
@@ -569,12 +575,11 @@ def _class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def _resume_state(run_dir: Path, config: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
