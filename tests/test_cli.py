@@ -66,7 +66,8 @@ def test_every_command_reading_a_dataset_takes_it_as_data(command: str) -> None:
 
 
 def test_cv_accepts_every_training_option_of_train() -> None:
-    assert options("train") - {"--resume"} <= options("cv")
+    # --final trains the deployed model on every image: a fold has a test split by definition
+    assert options("train") - {"--resume", "--final"} <= options("cv")
 
 
 # ---------------------------------------------------------------------------------------- train and cv
@@ -256,7 +257,7 @@ def test_evaluate_on_another_folder_scores_all_its_images(trained_run: Path, dat
     out = tmp_path / "external.json"
     other = write_class_folders(tmp_path / "other", {"maybe": 2})
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(other)])
-    assert result.exit_code == 2 and "Labels maybe are not classes of this checkpoint" in result.stderr
+    assert result.exit_code == 2 and "Labels maybe are neither classes of this model" in result.stderr
     result = runner.invoke(
         app,
         ["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(data), "--split", "all",

@@ -22,7 +22,9 @@ from .files import write_atomic
 FORMAT_VERSION = 1
 REQUIRED = ("arch", "class_names", "preprocess", "model_state")
 # what a run directory holds: a folder with any of these is a run, never overwritten by a new one
-RUN_FILES = ("config.yaml", "split.csv", "history.csv", "best.pt", "last.pt", "metrics.json")
+RUN_FILES = ("config.yaml", "split.csv", "history.csv", "best.pt", "last.pt", "metrics.json", "training_prints.npz")
+# fingerprints of the train + val images, so that an external evaluation can leave out copies of them
+TRAINING_PRINTS = "training_prints.npz"
 
 
 def library_versions() -> dict[str, str]:

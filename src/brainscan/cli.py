@@ -22,7 +22,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from .about import DISCLAIMER, __version__
-from .config import BALANCE, MONITORS, OPTIMIZERS, SCHEDULES, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import (
+    BALANCE,
+    MONITORS,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    recipe_fields,
+)
 from .console import deferred_progress, screen_progress, setup_logging
 from .errors import BrainscanError, unknown_choice
 
@@ -121,6 +132,27 @@ IgnoreDuplicates = Annotated[
 ]
 CacheDir = Annotated[Path | None, typer.Option(help="Reuse decoded images across runs from this folder.")]
 Strict = Annotated[bool, typer.Option(help="Unreadable files are fatal instead of skipped.")]
+Recipe = Annotated[
+    str | None,
+    typer.Option(
+        help=f"Start from a named recipe ({', '.join(RECIPES)}): fast = the defaults (small-CPU shortcuts); full = "
+        "every layer at full resolution; robust = full + intensity standardisation + acquisition augmentation, "
+        "for data from elsewhere. Options you type still win.",
+    ),
+]
+Standardise = Annotated[
+    bool, typer.Option(help="Window every slice on its head's own intensity percentiles (stored in the model).")
+]
+AugmentAcquisition = Annotated[
+    bool, typer.Option(help="Also simulate other scanners and exports: resolution, blur, gamma, noise, JPEG quality.")
+]
+Final = Annotated[
+    bool,
+    typer.Option(
+        help="The deployed model: train on every image but val (no test split; its figures are on val). Choose "
+        "the recipe first with a held-out split or cv."
+    ),
+]
 
 
 def _as_is(value: Any) -> Any:
@@ -143,6 +175,7 @@ FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
     "index": ("data", "index", _path_string),
     "cache_dir": ("data", "cache_dir", _path_string),
     "ignore_duplicates": ("data", "group_duplicates", _negated),
+    "final": ("data", "final", _as_is),
     "no_crop": ("data", "crop_background", _negated),
     **{name: ("data", name, _as_is) for name in
        ("group_column", "val_fraction", "test_fraction", "strict", "image_size")},
@@ -152,6 +185,8 @@ FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
     "freeze_early_layers": ("train", "freeze_early", _as_is),
     "no_feature_cache": ("train", "cache_head_features", _negated),
     "no_augment": ("train", "augment", _negated),
+    "augment_acquisition": ("train", "augment_acquisition", _as_is),
+    "standardise": ("data", "standardise", _as_is),
     **{name: ("train", name, _as_is) for name in
        ("epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "optimizer", "schedule", "freeze_epochs",
         "label_smoothing", "low_res", "full_res_epochs", "patience", "monitor", "balance", "target_sensitivity",
@@ -165,22 +200,36 @@ FLAG_PHRASES = {field: "--" + name.replace("_", "-") for name, (_, field, _) in 
 }
 
 
-def run_config(options: Mapping[str, Any], *, given: Collection[str] = (), base: RunConfig | None = None) -> RunConfig:
+def run_config(
+    options: Mapping[str, Any],
+    *,
+    given: Collection[str] = (),
+    base: RunConfig | None = None,
+    recipe: str | None = None,
+) -> RunConfig:
     """The :class:`RunConfig` that ``train``/``cv`` options describe.
 
     Args:
         options: option name → value, as parsed (names that are no config field, e.g. ``quiet``, are ignored).
         given: the options typed on the command line; with a ``base`` only these (and ``out``) replace its values.
         base: a run's config (``--config``), or None to build from the options alone.
+        recipe: a named recipe (:data:`~brainscan.config.RECIPES`) whose values replace the base's or the
+            defaults; options typed on the command line still win.
 
     Raises:
         BrainscanError: a value is out of range (the message names the flag) or an unknown name (the message
             suggests the nearest valid one).
     """
     tree: dict[str, Any] = base.to_dict() if base else {"data": {}, "model": {}, "train": {}}
+    preset = recipe_fields(recipe) if recipe else {}
+    for section, values in preset.items():
+        tree[section].update(values)
     for name, value in options.items():
-        if name in FIELDS and (base is None or name in given or name == "out"):
-            section, field, convert = FIELDS[name]
+        if name not in FIELDS:
+            continue
+        section, field, convert = FIELDS[name]
+        from_recipe = section is not None and field in preset.get(section, {})
+        if name in given or name == "out" or (base is None and not from_recipe):
             (tree[section] if section else tree)[field] = convert(value)
     from .models import list_models  # torchvision is imported only once a command needs it
 
@@ -223,7 +272,7 @@ def _training_config(ctx: typer.Context, config_file: Path | None) -> RunConfig:
             base = RunConfig.load(config_file)
         except BrainscanError as exc:
             raise BrainscanError(f"--config {config_file}: {exc}") from None
-    config = run_config(ctx.params, given=typed_options(ctx), base=base)
+    config = run_config(ctx.params, given=typed_options(ctx), base=base, recipe=ctx.params.get("recipe"))
     for flag, path, kind in [("--data", config.data.root, "data folder"), ("--index", config.data.index, "index file")]:
         if path is not None and not Path(path).exists():
             raise BrainscanError(f"{flag} {path}: no such {kind}.")
@@ -294,11 +343,15 @@ def train(
     balance: Balance = T.balance,
     target_sensitivity: TargetSensitivity = T.target_sensitivity,
     no_augment: NoAugment = False,
+    augment_acquisition: AugmentAcquisition = T.augment_acquisition,
+    standardise: Standardise = D.standardise,
+    recipe: Recipe = None,
     cpu_pass_pixels: CpuPassPixels = T.cpu_pass_pixels,
     no_crop: NoCrop = False,
     ignore_duplicates: IgnoreDuplicates = False,
     val_fraction: ValFraction = D.val_fraction,
     test_fraction: TestFraction = D.test_fraction,
+    final: Final = False,
     cache_dir: CacheDir = None,
     strict: Strict = False,
     device: Device = T.device,
@@ -354,6 +407,9 @@ def cv(
     balance: Balance = T.balance,
     target_sensitivity: TargetSensitivity = T.target_sensitivity,
     no_augment: NoAugment = False,
+    augment_acquisition: AugmentAcquisition = T.augment_acquisition,
+    standardise: Standardise = D.standardise,
+    recipe: Recipe = None,
     cpu_pass_pixels: CpuPassPixels = T.cpu_pass_pixels,
     no_crop: NoCrop = False,
     ignore_duplicates: IgnoreDuplicates = False,
@@ -389,7 +445,12 @@ def cv(
 def evaluate(
     checkpoint: Checkpoint,
     data: Annotated[
-        Path | None, typer.Option(help="Evaluate on this folder instead of the run's recorded split.", metavar="DIR")
+        Path | None,
+        typer.Option(
+            help="Evaluate on this folder instead of the run's recorded split. Another dataset is an external "
+            "evaluation: copies of training images left out, vocabularies mapped to tumour vs no tumour.",
+            metavar="DIR",
+        ),
     ] = None,
     index: Index = None,
     group_column: GroupColumn = None,
@@ -399,7 +460,8 @@ def evaluate(
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Score a checkpoint; prints the metrics JSON (same schema as the run's metrics.json) and writes it."""
+    """Score a checkpoint or exported model, on its run's split or on another dataset (external); prints the
+    metrics JSON and writes it."""
     from .evaluate import default_metrics_path
     from .evaluate import evaluate as run_evaluate
 
@@ -417,7 +479,8 @@ def evaluate(
     )
     _print_metrics(metrics, quiet=quiet)
     print(json.dumps(metrics, indent=2))
-    err_console.print(f"Metrics written to {out or default_metrics_path(checkpoint, split)}", soft_wrap=True)
+    target = out or default_metrics_path(checkpoint, split, data=data, index=index)
+    err_console.print(f"Metrics written to {target}", soft_wrap=True)
 
 
 @app.command()
@@ -723,7 +786,8 @@ def _data_option(data: Path | None, positional: Path | None, command: str) -> Pa
 def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
     if quiet:
         return
-    table = Table(title=f"{metrics['protocol'].get('split', '')} split — {metrics['protocol'].get('split_method', '')}")
+    protocol = metrics["protocol"]
+    table = Table(title=f"{protocol.get('split', '')} split — {protocol.get('split_method', '')}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     deleaked = metrics.get("deleaked")
@@ -733,7 +797,19 @@ def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
         if key in metrics and metrics[key] is not None:
             extra = [f"{deleaked[key]:.4f}" if deleaked.get(key) is not None else "–"] if deleaked else []
             table.add_row(key, f"{metrics[key]:.4f}", *extra)
+    for key in ("sensitivity", "specificity", "roc_auc"):
+        if (metrics.get("tumour") or {}).get(key) is not None:
+            table.add_row(f"tumour {key}", f"{metrics['tumour'][key]:.4f}", *([""] if deleaked else []))
     err_console.print(table)
+    copies = protocol.get("copies_of_training_images")
+    if copies:
+        err_console.print(
+            f"External evaluation: {protocol['n_evaluated']} images; {copies['excluded']} left out as copies of "
+            f"training images ({copies['rule']}). {protocol['vocabulary']}.",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------- reference

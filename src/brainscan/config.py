@@ -38,7 +38,12 @@ class DataConfig:
     # (128-px epochs first) scores as well as at 224 (5-fold mean, see README) and trains ~3x faster on a CPU
     image_size: int = 160
     crop_background: bool = True  # crop the black border to the head before resizing: more pixels on the brain
+    # window every slice on its own head's intensity percentiles, so that a source's grey levels carry no label
+    standardise: bool = False
     cache_dir: str | None = None  # on-disk cache of decoded, resized images (None: in memory only)
+    # the deployed model: the test split joins train (val stays, for calibration, threshold and checkpoint choice).
+    # Choose the recipe first with a held-out split or cv; a final run's own figures are on val, so optimistic
+    final: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -97,6 +102,9 @@ class TrainConfig:
     target_sensitivity: float | None = None  # tumour decision threshold for this sensitivity on val (None: Youden's J)
     balance: str = "loss"  # class-weighted loss: the datasets here are imbalanced (fold 1: 0.935 vs 0.928 plain)
     augment: bool = True
+    # also simulate other scanners and exports (resolution, blur/sharpen, gamma, noise, JPEG quality): for models
+    # meant for data from elsewhere
+    augment_acquisition: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda when present, else cpu
     threads: int | None = None  # torch intra-op threads (None: one per physical core)
@@ -160,6 +168,31 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+# Named recipes: field values applied before any option the user types. ``fast`` is the dataclass defaults (the
+# small-CPU recipe chosen on Figshare's patient-wise folds); ``full`` switches off its two CPU shortcuts (128-px
+# epochs first, pretrained early blocks frozen); ``robust`` adds what makes a model hold up on data from elsewhere
+# (per-image intensity standardisation, acquisition augmentation). Measurements: docs/benchmarks.md.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {},
+    "full": {"train": {"low_res": 0, "freeze_early": False}},
+    "robust": {
+        "data": {"standardise": True},
+        "train": {"low_res": 0, "freeze_early": False, "augment_acquisition": True},
+    },
+}
+
+
+def recipe_fields(name: str) -> dict[str, dict[str, Any]]:
+    """The config values of recipe ``name`` (:data:`RECIPES`), by section.
+
+    Raises:
+        BrainscanError: no such recipe.
+    """
+    if name not in RECIPES:
+        raise BrainscanError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+    return RECIPES[name]
 
 
 def _build(kind: type, values: dict[str, Any]) -> Any:

@@ -64,7 +64,7 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     with progress("Reading images", len(ds.records)) as advance:
         table = load_images(
             [ds.absolute(r) for r in ds.records],
-            SliceFormat(data.image_size, data.crop_background),
+            SliceFormat(data.image_size, data.crop_background, data.standardise),
             cache_dir=cache,
             on_progress=advance,
             fingerprints=data.group_duplicates,

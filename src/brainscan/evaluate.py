@@ -25,6 +25,7 @@ from .data.prepare import describe_skipped
 from .data.splits import read_split_file
 from .data.transforms import Preprocess
 from .errors import BrainscanError
+from .external import evaluate_external
 from .files import write_json
 from .metrics import (
     bootstrap_metrics,
@@ -34,7 +35,7 @@ from .metrics import (
     fit_temperature,
     operating_point,
 )
-from .predict import Predictor, softmax
+from .predict import Predictor, predict_split, softmax
 from .progress import Progress, no_progress
 
 logger = logging.getLogger(__name__)
@@ -71,24 +72,6 @@ class Scores:
 
 def _calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(logits, temperature).astype(np.float32)
-
-
-def predict_split(
-    predictor: Predictor,
-    images: np.ndarray,
-    *,
-    tta: bool = False,
-    batch_size: int = 64,
-    progress: Progress = no_progress,
-) -> np.ndarray:
-    """Uncalibrated logits (N×C) of prepared slices: :meth:`~brainscan.predict.Predictor.raw_logits`, the one
-    inference pass, batch by batch so that ``progress`` can follow it."""
-    chunks = []
-    with progress("Predicting", len(images)) as advance:
-        for start in range(0, len(images), batch_size):
-            chunks.append(predictor.raw_logits(images[start : start + batch_size], tta=tta, batch_size=batch_size))
-            advance(len(chunks[-1]))
-    return np.concatenate(chunks) if chunks else predictor.raw_logits(images[:0])
 
 
 def score_split(
@@ -264,32 +247,74 @@ def evaluate(
     device: str = "auto",
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
-    """Score a checkpoint and write the metrics JSON (default: ``evaluate-<split>.json`` beside the checkpoint).
+    """Score a checkpoint (or an exported ``.onnx``) and write the metrics JSON beside it (default:
+    ``evaluate-<split>.json``, or ``external-<dataset>-<split>.json`` for another dataset).
 
-    Without ``data`` (or with the training data) the run's ``split.csv`` decides which images form ``split``;
-    another dataset is scored on its own ``split`` if it has one, else on all of its images (``split="all"``).
-    The library draws nothing: ``progress`` reports, :mod:`logging` warns.
+    Without ``data`` (or with the training data) the run's ``split.csv`` decides which images form ``split``.
+    Another dataset is an external evaluation (:func:`~brainscan.external.evaluate_external`): its own ``split``
+    if it has one, else all of its images, without copies of the model's train/val images, in the model's
+    classes or as tumour vs no tumour. The library draws nothing: ``progress`` reports, :mod:`logging` warns.
 
     Example:
         >>> evaluate("runs/yesno/best.pt", split="test")["accuracy"]  # doctest: +SKIP
+        >>> evaluate("runs/yesno/best.pt", data="other-hospital/")["sensitivity"]  # doctest: +SKIP
 
     Returns:
-        The metrics dict, in the same schema as the run's ``metrics.json``, with its protocol.
+        The metrics dict, with its protocol (internal: the schema of the run's ``metrics.json``).
     """
     checkpoint = Path(checkpoint)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    test = load_split(checkpoint, split=split, data=data, index=index, group_column=group_column, progress=progress)
-    test.protocol["tta"] = tta
-    metrics = score_split(predictor, test, tta=tta, progress=progress).metrics
-    target = Path(out) if out else default_metrics_path(checkpoint, split)
+    trained_on = training_root(checkpoint)
+    if is_external(checkpoint, data, index):
+        if checkpoint.suffix == ".onnx":
+            predictor = Predictor.from_exported(checkpoint)
+        else:
+            predictor = Predictor.from_checkpoint(checkpoint, device=device)
+        metrics = evaluate_external(
+            predictor, checkpoint, data=data, index=index, split=split, trained_on=trained_on, tta=tta,
+            progress=progress,
+        )  # fmt: skip
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, device=device)
+        test = load_split(checkpoint, split=split, data=data, index=index, group_column=group_column, progress=progress)
+        test.protocol["tta"] = tta
+        metrics = score_split(predictor, test, tta=tta, progress=progress).metrics
+    target = Path(out) if out else default_metrics_path(checkpoint, split, data=data, index=index)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json(target, metrics)
     return metrics
 
 
-def default_metrics_path(checkpoint: str | Path, split: str) -> Path:
+def training_root(model_file: str | Path) -> Path | None:
+    """The data folder a checkpoint (or an exported model, from its metadata) was trained on, when recorded."""
+    model_file = Path(model_file)
+    if model_file.suffix == ".onnx":
+        meta = model_file.with_suffix(".json")
+        trained_on = json.loads(meta.read_text()).get("trained_on") if meta.is_file() else None
+        return Path(trained_on) if trained_on else None
+    return data_root(load_checkpoint(model_file))
+
+
+def is_external(model_file: str | Path, data: str | Path | None, index: str | Path | None = None) -> bool:
+    """Whether ``data``/``index`` name a dataset other than the model's training data (an exported model: any)."""
+    if Path(model_file).suffix == ".onnx":
+        if data is None and index is None:
+            raise BrainscanError(f"{model_file}: an exported model is evaluated on a dataset: pass --data DIR.")
+        return True
+    if data is None and index is None:
+        return False
+    root = Path(data) if data is not None else Path(index).parent  # type: ignore[arg-type]
+    return not _same_folder(root, training_root(model_file))
+
+
+def default_metrics_path(
+    checkpoint: str | Path, split: str, *, data: str | Path | None = None, index: str | Path | None = None
+) -> Path:
     """Where :func:`evaluate` writes its JSON when no ``out`` is given: beside the checkpoint."""
-    return Path(checkpoint).parent / f"evaluate-{split}.json"
+    checkpoint = Path(checkpoint)
+    if is_external(checkpoint, data, index):
+        name = Path(data if data is not None else index).resolve().name  # type: ignore[arg-type]
+        return checkpoint.parent / f"external-{name}-{split}.json"
+    return checkpoint.parent / f"evaluate-{split}.json"
 
 
 @dataclass

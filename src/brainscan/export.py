@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .backends import ExportWrapper, exported_path, write_onnx
-from .checkpoint import load_checkpoint
+from .checkpoint import data_root, load_checkpoint
 from .errors import BrainscanError
 from .evaluate import load_split
 from .predict import Predictor
@@ -33,6 +33,7 @@ def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
         "preprocess": ckpt["preprocess"],
         "calibration": ckpt.get("calibration", {"temperature": 1.0}),
         "operating_point": ckpt.get("operating_point") or None,
+        "trained_on": str(data_root(ckpt) or ""),
         "input": "float32 N×1×S×S prepared slice in 0..255 (see brainscan.data.transforms.prepare_slice)",
         "output": "logits N×C (divide by calibration.temperature before softmax)",
     }

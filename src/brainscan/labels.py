@@ -18,6 +18,38 @@ NEGATIVE_NAMES = frozenset(
 )
 
 
+TUMOUR_NAMES = frozenset(
+    {
+        "yes",
+        "tumor",
+        "tumour",
+        "positive",
+        "abnormal",
+        "glioma",
+        "meningioma",
+        "pituitary",
+        "pituitary_tumor",
+        "glioma_tumor",
+        "meningioma_tumor",
+        "glioblastoma",
+        "astrocytoma",
+        "oligodendroglioma",
+        "ependymoma",
+        "medulloblastoma",
+        "schwannoma",
+        "metastasis",
+        "metastases",
+        "lymphoma",
+    }
+)
+
+
+def is_tumour_name(label: str) -> bool:
+    """Whether a class name means a tumour (``yes``, ``tumor``, ``glioma``, ``pituitary_tumor`` ...)."""
+    name = label.strip().lower().replace(" ", "_").replace("-", "_")
+    return name in TUMOUR_NAMES
+
+
 def is_negative(label: str) -> bool:
     """Whether a class name means "no tumour" (``no``, ``notumor``, ``normal``, ...)."""
     return label.strip().lower() in NEGATIVE_NAMES

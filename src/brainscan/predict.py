@@ -29,6 +29,7 @@ from .data.readers import ImageReadError, is_supported, pil_to_gray, read_image,
 from .data.transforms import Preprocess
 from .errors import BrainscanError, unknown_choice
 from .models import create_model
+from .progress import Progress, no_progress
 
 BACKENDS = ("auto", "torch", "onnxruntime", "torchscript")
 
@@ -277,3 +278,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_split(
+    predictor: Predictor,
+    images: np.ndarray,
+    *,
+    tta: bool = False,
+    batch_size: int = 64,
+    progress: Progress = no_progress,
+) -> np.ndarray:
+    """Uncalibrated logits (N×C) of prepared slices: :meth:`~brainscan.predict.Predictor.raw_logits`, the one
+    inference pass, batch by batch so that ``progress`` can follow it."""
+    chunks = []
+    with progress("Predicting", len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            chunks.append(predictor.raw_logits(images[start : start + batch_size], tta=tta, batch_size=batch_size))
+            advance(len(chunks[-1]))
+    return np.concatenate(chunks) if chunks else predictor.raw_logits(images[:0])

@@ -50,6 +50,7 @@ SECTION_IDS = (
     "data-protocol",
     "training-curves",
     "metrics",
+    "generalisation",
     "confusion-matrix",
     "roc-pr",
     "calibration",
@@ -209,6 +210,8 @@ def write_report(
         gradcam=_gradcam(run, index_rows, gallery_size, seed),
         localization=localization,
         localization_limit=localization_limit,
+        confounding=run.recorded.get("protocol", {}).get("confounding"),
+        external=external_rows(run.run_dir, run.recorded),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
@@ -225,9 +228,42 @@ def write_report(
         "bootstrap": bootstrap["protocol"],
         "protocol": run.recorded.get("protocol", {}),
         "localization": localization,
+        "confounding": run.recorded.get("protocol", {}).get("confounding"),
+        "external": external_rows(run.run_dir, run.recorded),
     }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     return out
+
+
+def external_rows(run_dir: Path, internal: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's test figures, then one row per external evaluation written beside its checkpoint
+    (``external-*.json``), for the report's side-by-side table."""
+    keys = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc")
+    tumour = internal.get("tumour") or {}
+    rows = [
+        {
+            "name": "internal: test split",
+            "n": internal.get("protocol", {}).get("n_evaluated", "?"),
+            "excluded": "—",
+            **{k: _number(internal.get(k, tumour.get(k))) for k in keys},
+        }
+    ]
+    for path in sorted(run_dir.glob("external-*.json")):
+        try:
+            m = json.loads(path.read_text())
+            protocol = m["protocol"]
+        except (OSError, ValueError, KeyError):
+            continue  # not an external evaluation this brainscan wrote
+        tumour = m.get("tumour") or {}
+        rows.append(
+            {
+                "name": f"external: {Path(protocol.get('dataset', path.stem)).name} ({protocol.get('split', 'all')})",
+                "n": protocol.get("n_evaluated", "?"),
+                "excluded": protocol.get("copies_of_training_images", {}).get("excluded", "?"),
+                **{k: _number(m.get(k, tumour.get(k))) for k in keys},
+            }
+        )
+    return rows if len(rows) > 1 else []
 
 
 def _number(value: Any) -> float | None:

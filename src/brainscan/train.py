@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .backends import TorchBackend, fast_backend, forward_batches, resolve_device
-from .checkpoint import RUN_FILES, checkpoint_payload, load_checkpoint, save_checkpoint
+from .checkpoint import RUN_FILES, TRAINING_PRINTS, checkpoint_payload, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
+from .data.fingerprint import save_fingerprints
 from .data.prepare import PreparedData, prepare_data
 from .data.splits import write_split_file
 from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_input
@@ -217,7 +218,8 @@ def train(
         _write_history(run_dir / "history.csv", tracker.history)
         if config.train.schedule == "plateau":
             s.scheduler.step(row[config.train.monitor])
-        if served and tracker.update(row[config.train.monitor], epoch):
+        # a final model has no held-out figures to choose by: it keeps its last epoch, as its recipe was chosen
+        if served and (tracker.update(row[config.train.monitor], epoch) or config.data.final):
             save_checkpoint(_payload(s, epoch), run_dir / "best.pt")
         save_checkpoint(_payload(s, epoch, resume=_resume_payload(s, tracker)), run_dir / "last.pt")
         if on_epoch_end is not None:
@@ -226,7 +228,8 @@ def train(
             log.info("Early stopping: no %s improvement for %d epochs.", config.train.monitor, config.train.patience)
             break
     train_seconds = time.time() - started
-    return _finish(run_dir, s.data, s.preprocess, s.device, tracker.history, train_seconds, tracker.best_epoch,
+    best_epoch = int(tracker.history[-1]["epoch"]) if config.data.final else tracker.best_epoch
+    return _finish(run_dir, s.data, s.preprocess, s.device, tracker.history, train_seconds, best_epoch,
                    config.train.target_sensitivity, progress=progress)  # fmt: skip
 
 
@@ -259,7 +262,9 @@ def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, progress: Progre
     set_torch_threads(t.threads)
     device = resolve_device(t.device)
     spec = get_spec(config.model.name)
-    preprocess = Preprocess(config.data.image_size, spec.mean, spec.std, config.data.crop_background)
+    preprocess = Preprocess(
+        config.data.image_size, spec.mean, spec.std, config.data.crop_background, standardise=config.data.standardise
+    )
     split_file = run_dir / "split.csv" if resumed else None
     data = prepare_data(config.data, seed=t.seed, split_file=split_file, progress=progress)
     log.info(_describe_data(data))
@@ -292,10 +297,13 @@ def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, progress: Progre
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
     write_split_file(run_dir / "split.csv", data.rows)
+    if data.fingerprints is not None:
+        save_fingerprints(run_dir / TRAINING_PRINTS, data.seen_fingerprints())
     return Session(
         config, run_dir, device, spec, data, model, preprocess, pretrained, train_idx, val_idx, train_loader,
         sample_weights, criterion, optimizer, scheduler, loader_rng,
-        BatchAugment() if t.augment else None, torch.Generator().manual_seed(t.seed + 1),
+        BatchAugment(acquisition=t.augment_acquisition) if t.augment else None,
+        torch.Generator().manual_seed(t.seed + 1),
     )  # fmt: skip
 
 
@@ -613,14 +621,18 @@ def _finish(
         fast_backend(model, preprocess, device), class_names=data.class_names, preprocess=preprocess, arch=best["arch"]
     )
     val_idx, test_idx = data.subset("val"), data.subset("test")
-    test = Split(
-        data.images[test_idx],
-        data.targets[test_idx],
-        groups=[data.rows[i]["group"] for i in test_idx],
-        seen_groups={row["group"] for row in data.rows if row["split"] in ("train", "val")},
-        protocol={**data.protocol, "split": "test", "n_evaluated": len(test_idx)},
-    )
     val = Split(data.images[val_idx], data.targets[val_idx])
+    if len(test_idx):
+        test = Split(
+            data.images[test_idx],
+            data.targets[test_idx],
+            groups=[data.rows[i]["group"] for i in test_idx],
+            seen_groups={row["group"] for row in data.rows if row["split"] in ("train", "val")},
+            protocol={**data.protocol, "split": "test", "n_evaluated": len(test_idx)},
+        )
+    else:  # a final model: its only held-out images chose the checkpoint and calibrate it
+        test_idx = val_idx
+        test = replace(val, protocol={**data.protocol, "split": "val (no test split)", "n_evaluated": len(val_idx)})
     scores = score_split(
         predictor, test, val=val, batch_size=32, target_sensitivity=target_sensitivity, progress=progress
     )
@@ -642,7 +654,8 @@ def _finish(
     )
     roc_auc = metrics["roc_auc"]
     log.info(
-        "Test (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f, ROC-AUC %s",
+        "%s (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f, ROC-AUC %s",
+        "Test" if test.protocol["split"] == "test" else "Val (final model: no test split)",
         len(test_idx),
         metrics["accuracy"],
         metrics["balanced_accuracy"],

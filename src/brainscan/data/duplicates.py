@@ -258,6 +258,15 @@ def group_fingerprints(
     return DuplicateGroups(ids, kinds, unreadable)
 
 
+def copies_of(candidates: Sequence[Fingerprint | str], references: Sequence[Fingerprint]) -> np.ndarray:
+    """Which candidates share a duplicate set (exact, pixel or near, as the audit groups them) with any reference:
+    a boolean mask over ``candidates`` (read errors are never copies)."""
+    groups = group_fingerprints([*references, *candidates])
+    seen = np.unique(groups.ids[: len(references)])
+    ids = groups.ids[len(references) :]
+    return (ids >= 0) & np.isin(ids, seen[seen >= 0])
+
+
 def find_duplicates(
     paths: Sequence[str | Path],
     *,

@@ -102,3 +102,30 @@ def fingerprint_slice(gray: np.ndarray, sha1: str = "") -> Fingerprint:
     flat = std < 1e-3
     standardised = np.zeros_like(thumb) if flat else (thumb - thumb.mean()) / std
     return Fingerprint(sha1, digest.hexdigest(), hashes, standardised.astype(np.float32), flat)
+
+
+def save_fingerprints(path: str | Path, prints: list[Fingerprint]) -> None:
+    """Store many fingerprints in one compressed ``.npz`` (thumbnails as float16: ~2 KB an image), atomically."""
+    arrays = {
+        "sha1": np.array([p.sha1 for p in prints], dtype="U40"),
+        "pixels": np.array([p.pixels for p in prints], dtype="U40"),
+        "hashes": np.stack([p.hashes for p in prints]) if prints else np.zeros((0, 8), np.uint64),
+        "thumbs": np.stack([p.thumb for p in prints]).astype(np.float16)
+        if prints
+        else np.zeros((0, THUMB_SIZE, THUMB_SIZE), np.float16),
+        "flat": np.array([p.flat for p in prints], dtype=bool),
+        "version": np.array(FINGERPRINT_VERSION),
+    }
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_fingerprints(path: str | Path) -> list[Fingerprint]:
+    """What :func:`save_fingerprints` stored."""
+    with np.load(path) as z:
+        if int(z["version"]) != FINGERPRINT_VERSION:
+            raise ValueError(f"{path}: fingerprints of version {int(z['version'])}, this brainscan makes "
+                             f"{FINGERPRINT_VERSION}")  # fmt: skip
+        return [
+            Fingerprint(str(s), str(p), h.astype(np.uint64), t.astype(np.float32), bool(f))
+            for s, p, h, t, f in zip(z["sha1"], z["pixels"], z["hashes"], z["thumbs"], z["flat"], strict=True)
+        ]

@@ -221,9 +221,7 @@ def load_images(
             digest = file_sha1(path)
         except OSError as exc:
             return None, "", f"cannot read file ({exc.strerror or exc})", None
-        cached = (
-            cache / f"{digest}-{slice_format.image_size}-{int(slice_format.crop_background)}.npy" if cache else None
-        )
+        cached = cache / f"{digest}-{slice_format.key}.npy" if cache else None
         cached_print = cache / f"{digest}-fingerprint-v{FINGERPRINT_VERSION}.npz" if cache and fingerprints else None
         array = _read_cached(cached, np.load)
         fingerprint = _read_cached(cached_print, lambda p: Fingerprint.load(p, digest))

@@ -34,6 +34,14 @@ class PreparedData:
     rows: list[dict[str, str]]  # what split.csv records
     protocol: dict[str, Any]
     skipped: list[tuple[str, str]]
+    fingerprints: list[Fingerprint] | None = None  # of every image (fresh splits only): duplicate matching
+
+    def seen_fingerprints(self) -> list[Fingerprint]:
+        """Fingerprints of the images the model is trained or selected on (train + val): what an external
+        evaluation must not meet again."""
+        if self.fingerprints is None:
+            return []
+        return [self.fingerprints[i] for i in np.flatnonzero(self.splits != "test")]
 
     def subset(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -67,10 +75,10 @@ def prepare_data(
     with progress("Reading images", len(paths)) as advance:
         table = load_images(
             paths,
-            SliceFormat(config.image_size, config.crop_background),
+            SliceFormat(config.image_size, config.crop_background, config.standardise),
             cache_dir=config.cache_dir,
             on_progress=advance,
-            fingerprints=config.group_duplicates and split_file is None,
+            fingerprints=split_file is None,  # kept in the run, so an external evaluation can exclude copies
         )
     root_str = str(ds.root)
     skipped = [(p, r) for p, r in ds.skipped] + [
@@ -96,7 +104,7 @@ def prepare_data(
         description, straddling = "reused from " + Path(split_file).name, 0
         groups_of_duplicates = []
     else:
-        duplicates = duplicate_set_labels(table.fingerprints) if table.fingerprints is not None else None
+        duplicates = duplicate_set_labels(table.fingerprints) if config.group_duplicates else None
         groups = effective_groups([r.group for r in records], duplicates)
         groups_of_duplicates = duplicates or []
         result = assign_splits(
@@ -108,7 +116,10 @@ def prepare_data(
             seed=seed,
         )
         splits, description, straddling = result.splits, result.description, result.straddling_groups
-    for name in ("train", "val", "test"):
+        if config.final:
+            splits = np.where(splits == "test", "train", splits)
+            description += "; final model: the test split joined train (no held-out test)"
+    for name in ("train", "val") if config.final else ("train", "val", "test"):
         if not (splits == name).any():
             raise BrainscanError(f"The {name} split is empty: too few images or groups to split.")
     missing_classes = set(range(len(class_names))) - set(targets[splits == "train"])
@@ -135,10 +146,16 @@ def prepare_data(
         "duplicate_sets": sum(1 for c in Counter(groups_of_duplicates).values() if c > 1),
         "groups_straddling_splits": straddling,
         "n_images": {name: int((splits == name).sum()) for name in ("train", "val", "test")},
+        "held_out_test": "none: --final trains on every image but the val split (calibration, threshold, "
+        "checkpoint choice); its figures are on val and optimistic"
+        if config.final
+        else "yes",
         "skipped_files": len(skipped),
     }
     rows = [
         {"path": r.path, "label": r.label, "group": str(int(g)), "split": s, "sha1": h}
         for r, g, s, h in zip(records, groups, splits, table.hashes, strict=True)
     ]
-    return PreparedData(ds.root, class_names, table.images, targets, splits, rows, protocol, skipped)
+    return PreparedData(
+        ds.root, class_names, table.images, targets, splits, rows, protocol, skipped, table.fingerprints
+    )

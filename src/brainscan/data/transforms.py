@@ -20,10 +20,11 @@ class Preprocess:
     std: tuple[float, float, float]
     crop_background: bool = True
     channels: int = 3  # grayscale is repeated to the channels the backbone expects
+    standardise: bool = False  # window every slice on its head's own intensity percentiles (see SliceFormat)
 
     @property
     def slice_format(self) -> SliceFormat:
-        return SliceFormat(self.image_size, self.crop_background)
+        return SliceFormat(self.image_size, self.crop_background, self.standardise)
 
     def prepare(self, gray: np.ndarray) -> np.ndarray:
         """A decoded slice → the model's ``uint8`` slice (crop, pad, resize)."""
@@ -45,6 +46,7 @@ class Preprocess:
             std=tuple(d["std"]),
             crop_background=bool(d.get("crop_background", True)),
             channels=int(d.get("channels", 3)),
+            standardise=bool(d.get("standardise", False)),
         )
 
 
@@ -156,16 +158,35 @@ def slice_geometry(gray: np.ndarray, size: int, crop_background: bool = True) ->
     return SliceGeometry((h, w), (r0, r1, c0, c1), ((side - ch) // 2, (side - cw) // 2), side, size)
 
 
-def prepare_slice(gray: np.ndarray, size: int, *, crop_background: bool = True) -> np.ndarray:
+def prepare_slice(
+    gray: np.ndarray, size: int, *, crop_background: bool = True, standardise: bool = False
+) -> np.ndarray:
     """Decoded slice → ``size``×``size`` uint8: optional background crop, pad to square, antialiased resize
-    (the :func:`slice_geometry` of ``gray``)."""
+    (the :func:`slice_geometry` of ``gray``), optional intensity standardisation (:func:`standardise_intensity`)."""
     geometry = slice_geometry(gray, size, crop_background)
     r0, r1, c0, c1 = geometry.crop
     square = pad_to_square(gray[r0:r1, c0:c1])
-    if square.shape[0] == size:
+    if square.shape[0] != size:
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return standardise_intensity(square) if standardise else np.ascontiguousarray(square)
+
+
+HEAD_WINDOW = (1.0, 99.5)  # percentiles of the head's pixels mapped to 0 and 255
+
+
+def standardise_intensity(square: np.ndarray) -> np.ndarray:
+    """Window a slice on its own head: the ``HEAD_WINDOW`` percentiles of the pixels above the background level
+    (5% of the 99th percentile) map to 0..255, the background stays black. Scanners, windowing and JPEG exports
+    give one anatomy different grey levels; this removes a per-image level and contrast that says where an image
+    came from rather than what it shows. Blank slices are returned unchanged."""
+    head = square[square > max(0.05 * float(np.percentile(square, 99)), 2.0)]
+    if head.size < 16:
         return np.ascontiguousarray(square)
-    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    low, high = np.percentile(head, HEAD_WINDOW)
+    if high - low < 1:
+        return np.ascontiguousarray(square)
+    out = (square.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -175,15 +196,16 @@ class SliceFormat:
 
     image_size: int
     crop_background: bool = True
+    standardise: bool = False
 
     @property
     def key(self) -> str:
         """Names the format in cache file names."""
-        return f"{self.image_size}-{int(self.crop_background)}"
+        return f"{self.image_size}-{int(self.crop_background)}" + ("-std" if self.standardise else "")
 
     def prepare(self, gray: np.ndarray) -> np.ndarray:
         """A decoded slice → the ``image_size``² ``uint8`` slice (:func:`prepare_slice`)."""
-        return prepare_slice(gray, self.image_size, crop_background=self.crop_background)
+        return prepare_slice(gray, self.image_size, crop_background=self.crop_background, standardise=self.standardise)
 
     def geometry(self, gray: np.ndarray) -> SliceGeometry:
         """Where :meth:`prepare` puts the pixels of ``gray`` (:func:`slice_geometry`)."""
@@ -207,6 +229,9 @@ class BatchAugment:
     scale: tuple[float, float] = (0.9, 1.1)
     brightness: float = 0.2  # factor drawn from [1 - b, 1 + b]
     contrast: float = 0.2
+    # acquisition changes, each with probability 0.5 per image: what another scanner, protocol or export would
+    # do to the same anatomy (see :meth:`acquire`). Off by default, so that seeded runs of the fast recipe reproduce
+    acquisition: bool = False
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``x``: float N×C×H×W in [0, 1] → augmented, same shape and range."""
@@ -229,7 +254,38 @@ class BatchAugment:
         bright = uniform(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)
         contrast = uniform(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        return (((x - mean) * contrast + mean) * bright).clamp_(0.0, 1.0)
+        x = (((x - mean) * contrast + mean) * bright).clamp_(0.0, 1.0)
+        return self.acquire(x, generator) if self.acquisition else x
+
+    @staticmethod
+    def acquire(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Per image, each with probability 0.5: resampling from a lower resolution (0.35-1x), blur or sharpening,
+        a gamma curve (0.7-1.5), Gaussian noise (sd up to 0.03) and JPEG re-encoding (quality 30-95)."""
+        n, size = x.shape[0], x.shape[-1]
+
+        def draw(p: float, low: float, high: float, neutral: float) -> torch.Tensor:
+            on = torch.rand(n, generator=generator) < p
+            value = low + (high - low) * torch.rand(n, generator=generator)
+            return torch.where(on, value, torch.full_like(value, neutral))
+
+        factor, sharpness, gamma = draw(0.5, 0.35, 1.0, 1.0), draw(0.5, -1.0, 1.0, 0.0), draw(0.5, 0.7, 1.5, 1.0)
+        noise, quality = draw(0.5, 0.0, 0.03, 0.0), draw(0.5, 30.0, 95.0, 0.0)
+        x = x.clone()
+        for i in torch.nonzero(factor < 1).flatten().tolist():
+            small = max(8, int(size * float(factor[i])))
+            down = F.interpolate(x[i : i + 1], size=(small, small), mode="bilinear", antialias=True)
+            x[i : i + 1] = F.interpolate(down, size=(size, size), mode="bilinear")
+        blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        x = x + sharpness.view(n, 1, 1, 1).to(x.device) * (blurred - x)  # > 0 blurs, < 0 sharpens
+        x = x.clamp(0.0, 1.0).pow(gamma.view(n, 1, 1, 1).to(x.device))
+        x = x + noise.view(n, 1, 1, 1).to(x.device) * torch.randn(x.shape, generator=generator).to(x.device)
+        x = x.clamp(0.0, 1.0)
+        for i in torch.nonzero(quality > 0).flatten().tolist():
+            from torchvision.io import decode_jpeg, encode_jpeg
+
+            pixels = (x[i].cpu() * 255).round().to(torch.uint8)
+            x[i] = decode_jpeg(encode_jpeg(pixels, quality=int(quality[i]))).to(x.device, x.dtype) / 255.0
+        return x
 
 
 def resize_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:
