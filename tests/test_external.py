@@ -128,3 +128,21 @@ def test_the_report_puts_external_figures_beside_the_internal_ones(yes_no_run: P
     external = next(r for r in rows if r["name"] == f"external: {four_class_folder.name} (all)")
     assert external["excluded"] == PLANTED and external["n"] == 30
     assert f"external: {four_class_folder.name}" in out.read_text()
+
+
+def test_training_warns_when_file_properties_predict_the_label(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'no' slices saved small as JPEG, 'yes' slices large as PNG: the source gives the label away."""
+    rng = np.random.default_rng(0)
+    from .conftest import synthetic_slice
+
+    for label, size, suffix in (("no", 40, ".jpg"), ("yes", 64, ".png")):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(synthetic_slice(label, rng, size)).save(tmp_path / "data" / label / f"{i}{suffix}")
+    with caplog.at_level("WARNING"):
+        result = train(tiny_config(tmp_path / "data", tmp_path / "run", epochs=1))
+    confounding = result.metrics["protocol"]["confounding"]
+    assert confounding["flagged"] and confounding["balanced_accuracy"] > 0.9
+    assert "Label–source confound" in caplog.text and "brainscan evaluate --data OTHER" in caplog.text

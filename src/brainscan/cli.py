@@ -146,6 +146,12 @@ Standardise = Annotated[
 AugmentAcquisition = Annotated[
     bool, typer.Option(help="Also simulate other scanners and exports: resolution, blur, gamma, noise, JPEG quality.")
 ]
+NoConfoundCheck = Annotated[
+    bool,
+    typer.Option(
+        "--no-confound-check", help="Skip checking whether file properties (size, format, ...) predict the label."
+    ),
+]
 Final = Annotated[
     bool,
     typer.Option(
@@ -177,6 +183,7 @@ FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
     "ignore_duplicates": ("data", "group_duplicates", _negated),
     "final": ("data", "final", _as_is),
     "no_crop": ("data", "crop_background", _negated),
+    "no_confound_check": ("data", "confound_check", _negated),
     **{name: ("data", name, _as_is) for name in
        ("group_column", "val_fraction", "test_fraction", "strict", "image_size")},
     "model": ("model", "name", _as_is),
@@ -346,6 +353,7 @@ def train(
     augment_acquisition: AugmentAcquisition = T.augment_acquisition,
     standardise: Standardise = D.standardise,
     recipe: Recipe = None,
+    no_confound_check: NoConfoundCheck = False,
     cpu_pass_pixels: CpuPassPixels = T.cpu_pass_pixels,
     no_crop: NoCrop = False,
     ignore_duplicates: IgnoreDuplicates = False,
@@ -410,6 +418,7 @@ def cv(
     augment_acquisition: AugmentAcquisition = T.augment_acquisition,
     standardise: Standardise = D.standardise,
     recipe: Recipe = None,
+    no_confound_check: NoConfoundCheck = False,
     cpu_pass_pixels: CpuPassPixels = T.cpu_pass_pixels,
     no_crop: NoCrop = False,
     ignore_duplicates: IgnoreDuplicates = False,
@@ -706,18 +715,35 @@ def audit(
     fail_on_leak: Annotated[
         bool, typer.Option("--fail-on-leak", help="Exit with code 1 when a duplicate group spans splits or datasets.")
     ] = False,
+    no_confound_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-confound-check", help="Skip the label–source confound check (saves a second decoding pass)."
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Find duplicate slices (exact, re-encoded, flipped/rotated/rescaled) and copies that leak across splits."""
+    """Find duplicate slices (exact, re-encoded, flipped, rotated, rescaled), leaks, and label–source confounds."""
     from .data.audit import audit_duplicates
+    from .data.confounding import confound_warning
 
     data = _data_option(data, positional_data, "audit")
     setup_logging(quiet=quiet)
     with deferred_progress("Auditing images", quiet=quiet) as (start, advance):
-        result = audit_duplicates(data, index=index, against=against or (), on_start=start, on_progress=advance)
+        result = audit_duplicates(
+            data,
+            index=index,
+            against=against or (),
+            on_start=start,
+            on_progress=advance,
+            confounding=not no_confound_check,
+        )
     counts = result.write(out)
     out_console.print(counts["summary"], highlight=False, soft_wrap=True)
     err_console.print(f"Wrote {out / 'duplicates.csv'} and {out / 'audit.json'}", highlight=False, soft_wrap=True)
+    warning = confound_warning(result.confounding) if result.confounding else None
+    if warning:
+        err_console.print(f"[bold yellow]confound:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     leaking = counts["leaking_groups"]["count"]
     if fail_on_leak and leaking:
         err_console.print(f"[bold red]leak:[/] {leaking} duplicate group(s) straddle splits or datasets.")

@@ -40,6 +40,9 @@ class DataConfig:
     crop_background: bool = True  # crop the black border to the head before resizing: more pixels on the brain
     # window every slice on its own head's intensity percentiles, so that a source's grey levels carry no label
     standardise: bool = False
+    # before training, check whether file properties that carry no anatomy predict the label (the audit's confound
+    # check); a flag is a warning and goes into the protocol
+    confound_check: bool = True
     cache_dir: str | None = None  # on-disk cache of decoded, resized images (None: in memory only)
     # the deployed model: the test split joins train (val stays, for calibration, threshold and checkpoint choice).
     # Choose the recipe first with a held-out split or cv; a final run's own figures are on val, so optimistic

@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from .config import RunConfig
 from .data.ingest import load_images, scan_dataset
-from .data.prepare import describe_skipped, duplicate_set_labels
+from .data.prepare import check_confounding, describe_skipped, duplicate_set_labels
 from .data.splits import assign_splits, effective_groups
 from .data.transforms import SliceFormat
 from .errors import BrainscanError
@@ -86,6 +86,9 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     fold_of, method = assign_folds(labels, all_groups, given, folds=folds, seed=config.train.seed)
     straddling = sum(len(set(fold_of[duplicate_groups == g])) > 1 for g in np.unique(duplicate_groups))
 
+    confounding = None
+    if data.confound_check:  # once for all folds: they share the images
+        confounding = check_confounding([ds.absolute(r) for r in records], records, all_groups, progress)
     extra_columns, extras = _index_extras(ds.index)
     fold_metrics = []
     for k in range(1, folds + 1):
@@ -114,7 +117,9 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
         fold_config = replace(
             config,
             out=str(fold_dir),
-            data=replace(data, root=str(ds.root), index=str(index), group_column="group", cache_dir=cache),
+            data=replace(
+                data, root=str(ds.root), index=str(index), group_column="group", cache_dir=cache, confound_check=False
+            ),
         )
         log.info("Fold %d/%d", k, folds)
         result = train(fold_config, resume=(fold_dir / "last.pt").is_file(), progress=progress)
@@ -134,6 +139,8 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
         "duplicate_sets_straddling_folds": int(straddling),
         "n_images": len(records),
     }
+    if confounding is not None:
+        protocol["confounding"] = confounding
     summary = {
         "folds": fold_metrics,
         "mean": {m: _nan_stat(np.mean, fold_metrics, m) for m in SUMMARY_METRICS},

@@ -1,7 +1,9 @@
 """Duplicate and leakage audit: find copies of one slice inside a dataset and across datasets and splits, report
-the groups (``duplicates.csv``, ``audit.json``) and the groups that straddle splits or datasets.
+the groups (``duplicates.csv``, ``audit.json``) and the groups that straddle splits or datasets; and check whether
+the audited dataset's labels can be told from file properties that carry no anatomy (label–source confounding).
 
-How copies are matched, and how its thresholds were measured: :mod:`brainscan.data.duplicates`.
+How copies are matched, and how its thresholds were measured: :mod:`brainscan.data.duplicates`; the confound
+check and its threshold: :mod:`brainscan.data.confounding`.
 
 Example:
     >>> result = audit_duplicates("../shared/data/brain-tumor-mri-4class")  # doctest: +SKIP
@@ -15,7 +17,7 @@ import csv
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 
 from ..errors import BrainscanError
 from ..labels import labels_conflict
+from .confounding import ConfoundReport, confound_check
 from .duplicates import (
     HASH_BANDS,
     KINDS,
@@ -79,6 +82,7 @@ class AuditResult:
     files: tuple[AuditFile, ...]
     unreadable: tuple[tuple[str, str], ...]  # (display path, reason)
     groups: tuple[DuplicateGroup, ...]
+    confounding: ConfoundReport | None = None  # the audited dataset's confound check; None when switched off
 
     def group_ids(self) -> np.ndarray:
         """One group id per file (0 for files in no group), in :attr:`files` order."""
@@ -141,6 +145,11 @@ class AuditResult:
             "leaking_groups": {"count": len(leaking), "group_ids": leaking},
             "cross_split_groups": cross_split,
             "cross_dataset_groups": cross_dataset,
+            "confounding": (
+                self.confounding.to_dict()
+                if self.confounding
+                else {"checked": False, "flagged": False, "note": "switched off"}
+            ),
             "method": {
                 "near": "64-bit pHash of a mass-centred 32x32 thumbnail in 8 dihedral variants, multi-index "
                 f"({HASH_BANDS} bands), verified by Hamming distance <= {NEAR_MAX_DISTANCE} and thumbnail "
@@ -177,6 +186,8 @@ class AuditResult:
             f"Leaking groups (across splits or datasets): {c['leaking_groups']['count']} "
             f"({c['cross_split_groups']} across splits, {c['cross_dataset_groups']} across datasets)."
         )
+        if self.confounding:
+            lines.append(self.confounding.headline())
         return "\n".join(lines)
 
     def write(self, out_dir: str | Path) -> dict[str, Any]:
@@ -219,16 +230,21 @@ def audit_duplicates(
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    confounding: bool = True,
 ) -> AuditResult:
-    """Scan a dataset (any layout) and optionally others, and find exact, pixel and near duplicates among them all.
+    """Scan a dataset (any layout) and optionally others, and find exact, pixel and near duplicates among them all;
+    then check the audited dataset for label–source confounding (:func:`~.confounding.confound_check`, its
+    readable files grouped by duplicate group).
 
     Args:
         root: the audited dataset's folder (class folders, split folders, or the base of ``index``).
         index: an index CSV for ``root`` (default: ``root/index.csv`` when present).
         against: other datasets (folders) to look for copies in; their files are reported as ``name:path``.
         workers: decoding threads (default: up to 4).
-        on_progress: called with 1 after each file.
-        on_start: called once with the number of files before decoding starts.
+        on_progress: called with 1 after each file (twice per audited file with ``confounding``).
+        on_start: called once with the number of steps (files, plus the audited files again with ``confounding``)
+            before decoding starts.
+        confounding: run the confound check (False: leave it out; ``confounding`` in audit.json says so).
 
     Raises:
         BrainscanError: a dataset cannot be scanned (missing folder, bad index, no images).
@@ -248,8 +264,9 @@ def audit_duplicates(
             files.append(AuditFile(record.path, name, record.split, record.label, primary))
             paths.append(ds.absolute(record))
         datasets.append((name, str(ds.root), len(ds.records)))
+    primary_count = len(main.records)
     if on_start:
-        on_start(len(paths))
+        on_start(len(paths) + (primary_count if confounding else 0))
     groups = find_duplicates(paths, workers=workers, on_progress=on_progress)
     unread_positions = {i for i, _ in groups.unreadable}
     for i, reason in groups.unreadable:
@@ -262,9 +279,24 @@ def audit_duplicates(
     ]
     if not keep:
         raise BrainscanError(f"{main.root}: none of the {len(files)} listed images could be read.")
-    return AuditResult(
+    result = AuditResult(
         main.root, tuple(datasets), tuple(files[i] for i in keep), tuple(unreadable), tuple(result_groups)
     )
+    if not confounding:
+        return result
+    ids = result.group_ids()
+    checked = [k for k, i in enumerate(keep) if files[i].primary]
+    if on_progress and primary_count > len(checked):
+        on_progress(primary_count - len(checked))  # unreadable files are not decoded again
+    report = confound_check(
+        [paths[keep[k]] for k in checked],
+        [result.files[k].label for k in checked],
+        [int(ids[k]) if ids[k] else -1 - k for k in checked],  # a file in no group is a group of its own
+        workers=workers,
+        on_progress=on_progress,
+    )
+    shown = {str(paths[keep[k]]): result.files[k].display_path for k in checked}
+    return replace(result, confounding=replace(report, unreadable=tuple((shown[p], r) for p, r in report.unreadable)))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import BrainscanError
 from ..progress import Progress, no_progress
+from .confounding import confound_check, confound_warning
 from .duplicates import group_fingerprints
 from .fingerprint import Fingerprint
 from .ingest import load_images, scan_dataset
@@ -58,6 +59,23 @@ def duplicate_set_labels(fingerprints: list[Fingerprint]) -> list[str]:
     """A duplicate-set label per file, from the audit's matcher (exact bytes, same pixels, or the same slice
     flipped, rotated, rescaled, re-encoded or mildly re-windowed), for :func:`~.splits.effective_groups`."""
     return [f"duplicate-{int(g)}" for g in group_fingerprints(fingerprints).ids]
+
+
+def check_confounding(paths: list[Path], records: list[Any], groups: np.ndarray, progress: Progress) -> dict[str, Any]:
+    """The audit's label–source confound check over the training data, grouped as the split is; a flag is logged
+    as a warning. Returns the protocol's summary of it."""
+    with progress("Checking label–source confounding", len(paths)) as advance:
+        report = confound_check(paths, [r.label for r in records], groups.tolist(), on_progress=advance)
+    warning = confound_warning(report)
+    if warning:
+        log.warning(warning)
+    full = report.to_dict()
+    keys = ("checked", "flagged", "threshold", "balanced_accuracy", "chance", "flagged_classes", "flagged_pairs")
+    summary = {k: full[k] for k in keys}
+    summary["per_pair"] = {name: v["balanced_accuracy"] for name, v in full["per_pair"].items()}
+    summary["top_features"] = [f["feature"] for f in full["top_features"]]
+    summary["headline"] = report.headline()
+    return summary
 
 
 def prepare_data(
@@ -122,6 +140,9 @@ def prepare_data(
     for name in ("train", "val") if config.final else ("train", "val", "test"):
         if not (splits == name).any():
             raise BrainscanError(f"The {name} split is empty: too few images or groups to split.")
+    confounding = None
+    if config.confound_check and split_file is None:
+        confounding = check_confounding([ds.absolute(r) for r in records], records, groups, progress)
     missing_classes = set(range(len(class_names))) - set(targets[splits == "train"])
     if missing_classes:
         names = ", ".join(class_names[i] for i in sorted(missing_classes))
@@ -152,6 +173,8 @@ def prepare_data(
         else "yes",
         "skipped_files": len(skipped),
     }
+    if confounding is not None:
+        protocol["confounding"] = confounding
     rows = [
         {"path": r.path, "label": r.label, "group": str(int(g)), "split": s, "sha1": h}
         for r, g, s, h in zip(records, groups, splits, table.hashes, strict=True)
