@@ -28,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="fast", help="fast, full or robust (brainscan.config.RECIPES)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "figshare-cv")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -38,8 +40,8 @@ def main() -> None:
         data=DataConfig(root=str(FIGSHARE), index=str(FIGSHARE / "index.csv"), group_column="cv_fold"),
         out=str(args.out),
         model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
-        train=TrainConfig(epochs=args.epochs, seed=args.seed),
-    )
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads),
+    ).with_recipe(args.recipe)
     started = time.time()
     summary = cross_validate(config, folds=5)
     print(json.dumps(summary["protocol"], indent=2))

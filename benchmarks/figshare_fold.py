@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--image-size", type=int, default=DataConfig.image_size)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="fast", help="fast, full or robust (brainscan.config.RECIPES)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/figshare-foldK)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--report", action="store_true", help="write report.html and add its figures to the JSON")
@@ -68,8 +70,8 @@ def main() -> None:
         data=DataConfig(root=str(FIGSHARE), index=str(fold_index(args.fold, out)), image_size=args.image_size),
         out=str(out),
         model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
-        train=TrainConfig(epochs=args.epochs, seed=args.seed),
-    )
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads),
+    ).with_recipe(args.recipe)
     result = train(config)
     minutes = (time.time() - started) / 60
     m = result.metrics

@@ -116,6 +116,8 @@ def test_a_final_model_trains_on_everything_but_val(yes_no_folder: Path, tmp_pat
     assert protocol["split"] == "val (no test split)"
     assert "optimistic" in protocol["held_out_test"]
     assert (result.run_dir / "training_prints.npz").is_file()
+    with pytest.raises(BrainscanError, match="final model"):
+        evaluate(result.best_checkpoint)
 
 
 def test_the_report_puts_external_figures_beside_the_internal_ones(yes_no_run: Path, four_class_folder: Path) -> None:

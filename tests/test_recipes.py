@@ -58,5 +58,9 @@ def test_a_recipe_sets_its_fields_and_typed_options_win() -> None:
     fast = run_config({"data": "d"}, given={"data"}, recipe="fast")
     assert fast == run_config({"data": "d"}, given={"data"})
     assert set(RECIPES) >= {"fast", "full", "robust"}
+    from brainscan import DataConfig, RunConfig
+
+    assert RunConfig(DataConfig(root="d")).with_recipe("robust").data.standardise
+    assert RunConfig(DataConfig(root="d")).with_recipe("fast") == RunConfig(DataConfig(root="d"))
     with pytest.raises(BrainscanError, match="Unknown recipe 'quick'"):
         run_config({"data": "d"}, recipe="quick")

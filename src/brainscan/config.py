@@ -165,6 +165,13 @@ class RunConfig:
                 raise BrainscanError(f"Unknown config section {key!r}.")
         return cls(**kwargs)
 
+    def with_recipe(self, name: str) -> RunConfig:
+        """This config with the values of recipe ``name`` (:data:`RECIPES`) in place of its own."""
+        fields = recipe_fields(name)
+        return dataclasses.replace(
+            self, **{section: dataclasses.replace(getattr(self, section), **v) for section, v in fields.items()}
+        )
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 

@@ -204,7 +204,9 @@ def load_split(
         paths, labels = paths[:limit], labels[:limit]
         groups = groups[:limit] if groups is not None else None
     if not paths:
-        raise BrainscanError(f"No images in split {split!r} of {root}.")
+        final = "none" in str(protocol.get("held_out_test", ""))
+        hint = " It is a final model (--final): it has no test split; evaluate it with --data OTHER." if final else ""
+        raise BrainscanError(f"No images in split {split!r} of {root}.{hint}")
     unknown = sorted(set(labels) - set(class_names))
     if unknown:
         raise BrainscanError(
