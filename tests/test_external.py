@@ -118,6 +118,10 @@ def test_a_final_model_trains_on_everything_but_val(yes_no_folder: Path, tmp_pat
     assert (result.run_dir / "training_prints.npz").is_file()
     with pytest.raises(BrainscanError, match="final model"):
         evaluate(result.best_checkpoint)
+    from brainscan.cv import cross_validate
+
+    with pytest.raises(BrainscanError, match="has no test split"):
+        cross_validate(replace(config, data=replace(config.data, final=True), out=str(tmp_path / "cv")), folds=2)
 
 
 def test_the_report_puts_external_figures_beside_the_internal_ones(yes_no_run: Path, four_class_folder: Path) -> None:

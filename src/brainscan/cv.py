@@ -55,6 +55,8 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     """
     if folds < 2:
         raise BrainscanError("--folds must be at least 2.")
+    if config.data.final:
+        raise BrainscanError("A final model (--final) has no test split: cross-validate first, then train --final.")
     out = Path(config.out)
     check_new_run(config, out)  # weights (or random_init), and no single run at out, before anything is written
     out.mkdir(parents=True, exist_ok=True)
