@@ -475,20 +475,20 @@ def evaluate(
     from .evaluate import evaluate as run_evaluate
 
     setup_logging(quiet=quiet)
+    target = out or default_metrics_path(checkpoint, split, data=data, index=index)
     metrics = run_evaluate(
         checkpoint,
         data=data,
         index=index,
         group_column=group_column,
         split=split,
-        out=out,
+        out=target,
         tta=tta,
         device=device,
         progress=screen_progress(quiet),
     )
     _print_metrics(metrics, quiet=quiet)
     print(json.dumps(metrics, indent=2))
-    target = out or default_metrics_path(checkpoint, split, data=data, index=index)
     err_console.print(f"Metrics written to {target}", soft_wrap=True)
 
 

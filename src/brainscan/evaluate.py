@@ -266,7 +266,8 @@ def evaluate(
     """
     checkpoint = Path(checkpoint)
     trained_on = training_root(checkpoint)
-    if is_external(checkpoint, data, index):
+    external = _is_external(checkpoint, data, index, trained_on)
+    if external:
         if checkpoint.suffix == ".onnx":
             predictor = Predictor.from_exported(checkpoint)
         else:
@@ -280,7 +281,7 @@ def evaluate(
         test = load_split(checkpoint, split=split, data=data, index=index, group_column=group_column, progress=progress)
         test.protocol["tta"] = tta
         metrics = score_split(predictor, test, tta=tta, progress=progress).metrics
-    target = Path(out) if out else default_metrics_path(checkpoint, split, data=data, index=index)
+    target = Path(out) if out else _metrics_path(checkpoint, split, data, index, external=external)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json(target, metrics)
     return metrics
@@ -298,6 +299,13 @@ def training_root(model_file: str | Path) -> Path | None:
 
 def is_external(model_file: str | Path, data: str | Path | None, index: str | Path | None = None) -> bool:
     """Whether ``data``/``index`` name a dataset other than the model's training data (an exported model: any)."""
+    given = data is not None or index is not None
+    return _is_external(model_file, data, index, training_root(model_file) if given else None)
+
+
+def _is_external(
+    model_file: str | Path, data: str | Path | None, index: str | Path | None, trained_on: Path | None
+) -> bool:
     if Path(model_file).suffix == ".onnx":
         if data is None and index is None:
             raise BrainscanError(f"{model_file}: an exported model is evaluated on a dataset: pass --data DIR.")
@@ -305,15 +313,21 @@ def is_external(model_file: str | Path, data: str | Path | None, index: str | Pa
     if data is None and index is None:
         return False
     root = Path(data) if data is not None else Path(index).parent  # type: ignore[arg-type]
-    return not _same_folder(root, training_root(model_file))
+    return not _same_folder(root, trained_on)
 
 
 def default_metrics_path(
     checkpoint: str | Path, split: str, *, data: str | Path | None = None, index: str | Path | None = None
 ) -> Path:
     """Where :func:`evaluate` writes its JSON when no ``out`` is given: beside the checkpoint."""
+    return _metrics_path(checkpoint, split, data, index, external=is_external(checkpoint, data, index))
+
+
+def _metrics_path(
+    checkpoint: str | Path, split: str, data: str | Path | None, index: str | Path | None, *, external: bool
+) -> Path:
     checkpoint = Path(checkpoint)
-    if is_external(checkpoint, data, index):
+    if external:
         name = Path(data if data is not None else index).resolve().name  # type: ignore[arg-type]
         return checkpoint.parent / f"external-{name}-{split}.json"
     return checkpoint.parent / f"evaluate-{split}.json"

@@ -280,9 +280,9 @@ class BatchAugment:
         x = x.clamp(0.0, 1.0).pow(gamma.view(n, 1, 1, 1).to(x.device))
         x = x + noise.view(n, 1, 1, 1).to(x.device) * torch.randn(x.shape, generator=generator).to(x.device)
         x = x.clamp(0.0, 1.0)
-        for i in torch.nonzero(quality > 0).flatten().tolist():
-            from torchvision.io import decode_jpeg, encode_jpeg
+        from torchvision.io import decode_jpeg, encode_jpeg  # torchvision only where acquisition is simulated
 
+        for i in torch.nonzero(quality > 0).flatten().tolist():
             pixels = (x[i].cpu() * 255).round().to(torch.uint8)
             x[i] = decode_jpeg(encode_jpeg(pixels, quality=int(quality[i]))).to(x.device, x.dtype) / 255.0
         return x
