@@ -3,19 +3,25 @@ skipped and reported, and one overlay naming scheme."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from brainscan.cli import app
 from brainscan.data.transforms import Preprocess
-from brainscan.errors import BrainscanError
+from brainscan.errors import BrainscanError, display_path
 from brainscan.explain import SavedOverlay, check_method, explain_files, overlay_paths
 from brainscan.models import create_model, get_spec
 from brainscan.predict import Prediction, Predictor, Skipped, discover_images, predict_files
 
 from .conftest import write_class_folders
+from .test_checkpoints import make_checkpoint
 
 
 @pytest.fixture
@@ -81,3 +87,62 @@ def test_cam_methods_are_checked_in_one_place() -> None:
     assert check_method(None) == "fullgrad" and check_method("gradcam++") == "gradcam++"
     with pytest.raises(BrainscanError, match=re.escape("Unknown CAM method 'gradcam+'; did you mean gradcam++?")):
         check_method("gradcam+")
+
+
+# --------------------------------------------------------------------------- odd file names on the command line
+
+
+def _odd_names(folder: Path) -> tuple[Path, Path, Path]:
+    """An image whose name holds Rich markup, one whose name is not UTF-8 and an unreadable one not UTF-8 either."""
+    source = write_class_folders(folder / "data", {"yes": 1}) / "yes" / "yes_000.png"
+    markup = folder / "x[" / "bold].png"  # the path x[/bold].png
+    markup.parent.mkdir()
+    shutil.copy(source, markup)
+    try:
+        not_utf8 = folder / os.fsdecode(b"bad\xff\xfe.png")
+        shutil.copy(source, not_utf8)
+        broken = folder / os.fsdecode(b"broken\xff.png")
+        broken.write_bytes(b"not an image")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    return markup, not_utf8, broken
+
+
+def test_display_path_renders_bytes_that_are_not_utf8_as_escapes() -> None:
+    assert display_path(os.fsdecode(b"scans/bad\xff\xfe.jpg")) == "scans/bad\\xff\\xfe.jpg"
+    assert display_path(Path("scans/é[x].png")) == "scans/é[x].png"
+    assert display_path("lone\ud800") == "lone\\ud800"
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_predict_prints_file_names_with_markup_or_invalid_utf8_and_keeps_every_result(
+    as_json: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = make_checkpoint(tmp_path / "best.pt")
+    monkeypatch.chdir(tmp_path)  # short relative paths: the table does not wrap them
+    markup, not_utf8, broken = (p.relative_to(tmp_path) for p in _odd_names(tmp_path))
+    args = ["predict", "--checkpoint", str(checkpoint), str(markup), str(not_utf8), str(broken)]
+    result = CliRunner().invoke(app, [*args, *(["--json"] if as_json else [])])
+    assert result.exit_code == 1, result.output  # one unreadable input, the others predicted
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    if as_json:
+        assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [
+            "x[/bold].png",
+            "bad\\xff\\xfe.png",
+        ]
+    else:
+        assert "x[/bold].png" in result.stdout and "bad\\xff\\xfe.png" in result.stdout
+    assert "Skipped 1 of 3 input(s)" in result.stderr and "broken\\xff.png: not an image" in result.stderr
+
+
+def test_explain_prints_file_names_with_markup_or_invalid_utf8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = make_checkpoint(tmp_path / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    markup, not_utf8, _ = (p.relative_to(tmp_path) for p in _odd_names(tmp_path))
+    out = Path("cams[/red]")
+    result = CliRunner().invoke(app, ["explain", "--checkpoint", str(checkpoint), str(markup), str(not_utf8),
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "bold].png" in result.stdout and "bad\\xff\\xfe.png" in result.stdout
+    assert "Overlays written to cams[/red]" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(["bold]-fullgrad.png", f"{not_utf8.stem}-fullgrad.png"])

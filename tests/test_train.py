@@ -105,7 +105,7 @@ def test_an_existing_run_is_not_overwritten_even_without_its_last_checkpoint(
         train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
     (tmp_path / "run" / "last.pt").unlink()
     before = (tmp_path / "run" / "best.pt").read_bytes()
-    with pytest.raises(BrainscanError, match=r"already holds a run \(config.yaml, split.csv"):
+    with pytest.raises(BrainscanError, match=r"already holds a run of these settings \(best.pt, config.yaml"):
         train(tiny_config(yes_no_folder, tmp_path / "run", epochs=1))
     assert (tmp_path / "run" / "best.pt").read_bytes() == before
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io
+import json
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,11 +21,13 @@ from torch import nn
 
 from .data.readers import optional_import
 from .data.transforms import Preprocess, resize_batch, to_model_input
-from .errors import BrainscanError
+from .errors import BrainscanError, display_path
 from .hardware import available_cpus
 from .models import replace_module
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+METADATA_KEY = "brainscan"  # an ONNX model's metadata_props entry holding the export metadata (JSON)
+TORCHSCRIPT_METADATA = "brainscan.json"  # the same, as a TorchScript extra file
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -104,12 +107,50 @@ def forward_batches(
 class TorchScriptBackend:
     name = "torchscript"
 
-    def __init__(self, path: str | Path) -> None:
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+    def __init__(self, model: str | Path | torch.jit.ScriptModule) -> None:
+        if not isinstance(model, torch.jit.ScriptModule):
+            model = _jit_load(str(model))
+        self.module = model.eval()
 
     @torch.inference_mode()
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         return self.module(torch.from_numpy(slices).unsqueeze(1).float()).numpy()
+
+
+def _jit_load(source: str | io.BytesIO, extra_files: dict[str, str] | None = None) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, on every load
+        return torch.jit.load(source, map_location="cpu", _extra_files=extra_files)
+
+
+def load_exported(source: str | Path | bytes, fmt: str) -> tuple[Backend, dict[str, Any] | None]:
+    """Open an exported model (a file, or its bytes) and read the brainscan metadata embedded in it (None when it
+    has none).
+
+    Raises:
+        BrainscanError: the file is not a readable ``fmt`` model (e.g. truncated or not a model at all).
+    """
+    name = "the exported model" if isinstance(source, bytes) else display_path(source)
+    try:
+        if fmt == "onnx":
+            session = OnnxRuntimeBackend(source)
+            runner: Backend = session
+            raw = session.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        else:
+            extra = {TORCHSCRIPT_METADATA: ""}
+            stream = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+            runner = TorchScriptBackend(_jit_load(stream, extra))
+            raw = extra[TORCHSCRIPT_METADATA]
+    except BrainscanError:
+        raise
+    except Exception as exc:  # onnxruntime and torch.jit raise their own types for a file that is not a model
+        summary = " ".join(str(exc).split())[:200]
+        raise BrainscanError(f"{name}: not a readable {fmt} model ({type(exc).__name__}: {summary})") from None
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError:
+        meta = None
+    return runner, meta if isinstance(meta, dict) else None
 
 
 class GreyStem(nn.Module):

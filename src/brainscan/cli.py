@@ -9,8 +9,12 @@ User mistakes are :class:`~brainscan.errors.BrainscanError`, printed as one red 
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
+import os
+import sys
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,8 +22,8 @@ from typing import Annotated, Any
 import typer
 import typer.main
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .about import DISCLAIMER, __version__
 from .config import (
@@ -35,7 +39,7 @@ from .config import (
     recipe_fields,
 )
 from .console import deferred_progress, screen_progress, setup_logging
-from .errors import BrainscanError, unknown_choice
+from .errors import BrainscanError, describe_error, display_path, unknown_choice
 
 T, D = TrainConfig, DataConfig  # option defaults come from the config, the one place they are defined
 
@@ -45,8 +49,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
+# markup off: paths, labels and messages are the user's text ("x[/bold].jpg" is a file name, not a style); the
+# few styled lines build rich.text.Text
+out_console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 # ------------------------------------------------------------------------------------------- shared options
 
@@ -132,6 +138,19 @@ IgnoreDuplicates = Annotated[
 ]
 CacheDir = Annotated[Path | None, typer.Option(help="Reuse decoded images across runs from this folder.")]
 Strict = Annotated[bool, typer.Option(help="Unreadable files are fatal instead of skipped.")]
+DropConflicts = Annotated[
+    bool,
+    typer.Option(
+        "--drop-conflicts",
+        help="Leave out images found under two labels (the same file, or copies of one slice) instead of stopping.",
+    ),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="--out holds something: move it aside to <out>.replaced-<time> (never deleted) and start."
+    ),
+]
 Recipe = Annotated[
     str | None,
     typer.Option(
@@ -185,7 +204,7 @@ FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
     "no_crop": ("data", "crop_background", _negated),
     "no_confound_check": ("data", "confound_check", _negated),
     **{name: ("data", name, _as_is) for name in
-       ("group_column", "val_fraction", "test_fraction", "strict", "image_size")},
+       ("group_column", "val_fraction", "test_fraction", "strict", "image_size", "drop_conflicts")},
     "model": ("model", "name", _as_is),
     "weights": ("model", "weights", _as_is),
     "random_init": ("model", "random_init", _as_is),
@@ -287,17 +306,27 @@ def _training_config(ctx: typer.Context, config_file: Path | None) -> RunConfig:
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Report user mistakes (BrainscanError) as one red line and exit code 2, without a traceback."""
+    """Report user mistakes (BrainscanError: exit code 2) and what the environment refused (a file that cannot be
+    read or written, a full disk, a CSV or name that is not UTF-8: exit code 1) as one red line, never a
+    traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except BrainscanError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(2) from None
+        except (OSError, csv.Error, UnicodeError) as exc:
+            print_error(exc)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def print_error(exc: BaseException) -> None:
+    """``error: <message>`` on stderr; the message is plain text (a ``[`` in a file name is not markup)."""
+    err_console.print(Text("error: ", style="bold red") + Text(describe_error(exc)), highlight=False, soft_wrap=True)
 
 
 def _print_version(value: bool) -> None:
@@ -313,6 +342,10 @@ def _brainscan(
     ] = False,
 ) -> None:
     """Brain-tumour MRI slice classification."""
+    # Pillow's asides about files the readers then refuse (over their own pixel cap) or decode anyway (a corrupt
+    # EXIF block) would read as failures; the CLI reports each file's fate itself
+    warnings.filterwarnings("ignore", message="Image size .* could be decompression bomb")
+    warnings.filterwarnings("ignore", message="Corrupt EXIF data")
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -362,20 +395,24 @@ def train(
     final: Final = False,
     cache_dir: CacheDir = None,
     strict: Strict = False,
+    drop_conflicts: DropConflicts = False,
     device: Device = T.device,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last.pt (its config.yaml supplies --data).")
     ] = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
     from .train import train as run_train
 
+    if resume and overwrite:
+        raise BrainscanError("--resume continues the run in --out, --overwrite moves it aside: give one of them.")
     if resume and config is None and (out / "config.yaml").is_file():
         config = out / "config.yaml"  # the run's own settings: --resume needs no --data (only --epochs may change)
     run = _training_config(ctx, config)
     setup_logging(quiet=quiet)
-    result = run_train(run, resume=resume, progress=screen_progress(quiet))
+    result = run_train(run, resume=resume, overwrite=overwrite, progress=screen_progress(quiet))
     _print_metrics(result.metrics, quiet=quiet)
     out_console.print(f"Run directory: {result.run_dir}", highlight=False, soft_wrap=True)
 
@@ -426,7 +463,9 @@ def cv(
     test_fraction: TestFraction = D.test_fraction,
     cache_dir: Annotated[Path | None, typer.Option(help="Decoded-image cache (default: inside --out).")] = None,
     strict: Strict = False,
+    drop_conflicts: DropConflicts = False,
     device: Device = T.device,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
@@ -434,7 +473,7 @@ def cv(
 
     run = _training_config(ctx, config)
     setup_logging(quiet=quiet)
-    summary = cross_validate(run, folds=folds, progress=screen_progress(quiet))
+    summary = cross_validate(run, folds=folds, overwrite=overwrite, progress=screen_progress(quiet))
     table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")
     table.add_column("metric")
     for k in range(1, folds + 1):
@@ -503,7 +542,10 @@ def predict(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     backend: Annotated[
-        str, typer.Option(help="auto (ONNX Runtime when best.onnx sits beside it), torch, onnxruntime, torchscript.")
+        str,
+        typer.Option(
+            help="auto (ONNX Runtime when an up-to-date best.onnx sits beside it), torch, onnxruntime, torchscript."
+        ),
     ] = "auto",
     cam: Annotated[
         Path | None,
@@ -519,6 +561,9 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Classify images with a trained checkpoint. Unreadable files are listed and skipped (exit code 1)."""
+    from rich.text import Text
+
+    from .errors import display_path
     from .predict import Predictor, Skipped, discover_images, predict_files
 
     setup_logging(quiet=quiet)
@@ -531,7 +576,10 @@ def predict(
         overlays = [*overlay_paths(files, cam, method=cam_method)]
     # activation maps need the PyTorch graph; its outputs match the exported model's within 1e-4
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch" if cam else backend)
-    table = Table("path", "label", "confidence", *predictor.class_names, *(["overlay"] if cam else []))
+    # user-supplied text (paths, class names) goes into the table as Text: Rich would read "[...]" as markup
+    table = Table()
+    for header in ["path", "label", "confidence", *predictor.class_names, *(["overlay"] if cam else [])]:
+        table.add_column(Text(header))
     skipped = []
     results = predict_files(predictor, files, tta=tta, batch_size=batch_size)
     for result, overlay in zip(results, overlays, strict=True):
@@ -540,13 +588,15 @@ def predict(
             continue
         if overlay is not None:
             save_overlay(explain(predictor, str(result.path), method=cam_method, target=result.label), overlay)
-        record = result.to_dict() | ({"cam": str(overlay), "cam_method": cam_method} if overlay else {})
+        record = result.to_dict() | {"path": display_path(result.path or "")}
+        if overlay:
+            record |= {"cam": display_path(overlay), "cam_method": cam_method}
         if as_json:
             print(json.dumps(record), flush=True)
         else:
             probabilities = (f"{p:.3f}" for p in result.probabilities.values())
-            table.add_row(str(result.path), result.label, f"{result.confidence:.3f}", *probabilities,
-                          *([str(overlay)] if overlay else []))  # fmt: skip
+            table.add_row(Text(record["path"]), Text(result.label), f"{result.confidence:.3f}", *probabilities,
+                          *([Text(record["cam"])] if overlay else []))  # fmt: skip
     if not as_json:
         out_console.print(table)
     _exit_if_skipped(skipped, len(files))
@@ -569,6 +619,9 @@ def explain(
     quiet: Quiet = False,
 ) -> None:
     """Class activation maps (Grad-CAM family) over each slice as PNG overlays; unreadable files listed, skipped."""
+    from rich.text import Text
+
+    from .errors import display_path
     from .explain import check_method, explain_files
     from .predict import Predictor, Skipped, discover_images
 
@@ -576,25 +629,33 @@ def explain(
     method = check_method(method)
     files = discover_images(paths)
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    table = Table("input", "label", "probability", "explained", "overlay", title=f"{method} maps")
+    table = Table("input", "label", "probability", "explained", "overlay", title=Text(f"{method} maps"))
     skipped = []
     for done in explain_files(predictor, files, out, method=method, target=target):
         if isinstance(done, Skipped):
             skipped.append(done)
             continue
         e = done.explanation
-        table.add_row(Path(e.path or "").name, e.label, f"{e.probability:.3f}", e.target, done.path.name)
+        # Text, not str: Rich would read "[...]" in a file or class name as markup
+        names = (display_path(Path(e.path or "").name), e.label, f"{e.probability:.3f}", e.target)
+        table.add_row(*map(Text, names), Text(display_path(done.path.name)))
     out_console.print(table)
-    out_console.print(f"Overlays written to {out}", highlight=False, soft_wrap=True)
+    out_console.print(Text(f"Overlays written to {display_path(out)}"), highlight=False, soft_wrap=True)
     _exit_if_skipped(skipped, len(files))
 
 
 def _exit_if_skipped(skipped: list[Any], total: int) -> None:
     """List the inputs that could not be read, each with its reason, and exit with code 1."""
+    from rich.text import Text
+
+    from .errors import display_path
+
     if skipped:
-        err_console.print(f"[bold red]Skipped {len(skipped)} of {total} input(s)[/] that could not be read:")
+        heading = Text(f"Skipped {len(skipped)} of {total} input(s)", style="bold red") + " that could not be read:"
+        err_console.print(heading, highlight=False, soft_wrap=True)
         for s in skipped:
-            err_console.print(f"  {s.path}: {s.reason}", markup=False, highlight=False, soft_wrap=True)
+            line = f"  {display_path(s.path)}: {display_path(s.reason)}"
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -607,11 +668,22 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """Export a checkpoint; outputs are checked against PyTorch (max abs difference <= 1e-4) on its test images."""
-    from .export import export_model, reference_slices
+    from rich.text import Text
+
+    from .errors import display_path
+    from .export import export_model
 
     setup_logging(quiet=quiet)
-    path = export_model(checkpoint, fmt=fmt, out=out, check_slices=reference_slices(checkpoint))
-    out_console.print(f"Exported {fmt} to {path} (metadata: {path.with_suffix('.json')})", soft_wrap=True)
+    path = export_model(checkpoint, fmt=fmt, out=out)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    out_console.print(
+        Text(
+            f"Exported {fmt} to {display_path(path)} (metadata: {display_path(path.with_suffix('.json'))}); "
+            f"max difference from PyTorch {meta['parity_max_abs_diff']:.1e} on {meta['parity_images']} "
+            + ("slices of synthetic noise" if meta["parity_checked_on"] == "synthetic noise" else "test images")
+        ),
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -640,6 +712,7 @@ def demo(
 
 
 @app.command("models")
+@friendly_errors
 def list_architectures(quiet: Quiet = False) -> None:
     """List the registered architectures."""
     from .models import get_spec, list_models
@@ -743,10 +816,12 @@ def audit(
     err_console.print(f"Wrote {out / 'duplicates.csv'} and {out / 'audit.json'}", highlight=False, soft_wrap=True)
     warning = confound_warning(result.confounding) if result.confounding else None
     if warning:
-        err_console.print(f"[bold yellow]confound:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        err_console.print(Text("confound: ", style="bold yellow") + Text(warning), highlight=False, soft_wrap=True)
     leaking = counts["leaking_groups"]["count"]
     if fail_on_leak and leaking:
-        err_console.print(f"[bold red]leak:[/] {leaking} duplicate group(s) straddle splits or datasets.")
+        err_console.print(
+            Text("leak: ", style="bold red") + Text(f"{leaking} duplicate group(s) straddle splits or datasets.")
+        )
         raise typer.Exit(1)
 
 
@@ -784,9 +859,13 @@ def split_data(
             on_progress=advance,
         )
     result.write(out)
-    if result.unreadable and not quiet:
+    if result.unreadable:  # a problem, so shown under --quiet too
         path, reason = result.unreadable[0]
-        err_console.print(f"[yellow]Skipped {len(result.unreadable)} unusable file(s)[/], e.g. {path}: {reason}")
+        err_console.print(
+            Text(f"Skipped {len(result.unreadable)} unusable file(s)", style="yellow")
+            + Text(f", e.g. {display_path(path)}: {display_path(reason)}"),
+            soft_wrap=True,
+        )
     counts = ", ".join(f"{split} {n}" for split, n in result.counts().items())
     out_console.print(f"Wrote {out}: {counts} images; {result.duplicate_groups} duplicate groups.", soft_wrap=True)
     out_console.print(f"Split: {result.description}", highlight=False, soft_wrap=True)
@@ -796,8 +875,11 @@ def _data_option(data: Path | None, positional: Path | None, command: str) -> Pa
     """``--data``, or the deprecated positional form (with a message on stderr saying what to type instead)."""
     if positional is not None:
         err_console.print(
-            f"[yellow]deprecated:[/] `brainscan {command} DATA`; use `brainscan {command} --data DATA` (the "
-            "positional form will be removed).",
+            Text("deprecated: ", style="yellow")
+            + Text(
+                f"`brainscan {command} DATA`; use `brainscan {command} --data DATA` (the positional form will be "
+                "removed)."
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -827,6 +909,8 @@ def _print_metrics(metrics: dict[str, Any], *, quiet: bool) -> None:
         if (metrics.get("tumour") or {}).get(key) is not None:
             table.add_row(f"tumour {key}", f"{metrics['tumour'][key]:.4f}", *([""] if deleaked else []))
     err_console.print(table)
+    if metrics.get("note"):
+        err_console.print(Text("note: ", style="yellow") + Text(metrics["note"]), highlight=False, soft_wrap=True)
     copies = protocol.get("copies_of_training_images")
     if copies:
         err_console.print(
@@ -911,4 +995,22 @@ def _default(param: Any) -> str:
 
 
 def main() -> None:
-    app()
+    """The console script: the app, then a final flush of stdout whose failure (a full disk, a closed pipe) is one
+    error line, not an interpreter warning."""
+    code: Any = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    except (OSError, csv.Error, UnicodeError) as exc:  # raised outside a command (or by one that prints only)
+        print_error(exc)
+        code = 1
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        if not code:
+            print_error(OSError(exc.errno, exc.strerror, "<stdout>"))
+            code = 1
+        # Python flushes stdout once more at exit: point it at devnull so that flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .errors import BrainscanError
+from .files import write_text
 
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "onecycle", "plateau", "none")
@@ -34,6 +35,8 @@ class DataConfig:
     # duplicate sets (exact, pixel and near copies, as the audit finds them) share a group: never in two splits
     group_duplicates: bool = True
     strict: bool = False  # unreadable files are fatal instead of skipped-and-reported
+    # the same image (file, or duplicate set) under two labels is an error naming the files; True leaves them out
+    drop_conflicts: bool = False
     # served input size. 160 rather than ImageNet's 224: on Figshare's patient-wise folds MobileNetV2 at 160 px
     # (128-px epochs first) scores as well as at 224 (5-fold mean, see README) and trains ~3x faster on a CPU
     image_size: int = 160
@@ -165,6 +168,12 @@ class RunConfig:
                 raise BrainscanError(f"Unknown config section {key!r}.")
         return cls(**kwargs)
 
+    def resolved(self) -> RunConfig:
+        """This config with its data paths absolute and resolved, so that the run finds its images from anywhere."""
+        paths = {name: str(Path(value).resolve()) for name in ("root", "index", "cache_dir")
+                 if (value := getattr(self.data, name)) is not None}  # fmt: skip
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **paths))
+
     def with_recipe(self, name: str) -> RunConfig:
         """This config with the values of recipe ``name`` (:data:`RECIPES`) in place of its own."""
         fields = recipe_fields(name)
@@ -173,7 +182,7 @@ class RunConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

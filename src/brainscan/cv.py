@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,18 +12,29 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from .checkpoint import RUN_FILES
 from .config import RunConfig
-from .data.ingest import load_images, scan_dataset
-from .data.prepare import check_confounding, describe_skipped, duplicate_set_labels
+from .data.ingest import read_index_rows
+from .data.prepare import SKIPPED_FILE, check_confounding, read_dataset, write_skipped_file
 from .data.splits import assign_splits, effective_groups
-from .data.transforms import SliceFormat
 from .errors import BrainscanError
-from .files import write_json
+from .files import write_csv, write_json
 from .metrics import SUMMARY_METRICS
 from .progress import Progress, no_progress
-from .train import check_new_run, train
+from .rundir import (
+    check_output,
+    check_outside_data,
+    claim_output,
+    config_differences,
+    config_digest,
+    identity,
+    read_identity,
+    recorded_config,
+)
+from .train import check_model_weights, train
 
 log = logging.getLogger(__name__)
+FOLD_INDEX = "fold-index.csv"
 
 
 def assign_folds(
@@ -46,44 +57,43 @@ def assign_folds(
     return fold_of, f"stratified group-aware {folds}-fold (seed {seed})"
 
 
-def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no_progress) -> dict[str, Any]:
+FOLD = re.compile(r"fold-\d+")
+CV_FILES = ("cv_metrics.json", SKIPPED_FILE, ".image-cache")
+
+
+def cross_validate(
+    config: RunConfig, *, folds: int = 5, overwrite: bool = False, progress: Progress = no_progress
+) -> dict[str, Any]:
     """Train one model per fold (test = that fold) and summarise with mean and standard deviation.
 
-    Writes ``fold-K/`` run directories (each with its own index CSV, split and metrics) and ``cv_metrics.json``
-    with ``folds``, ``mean``, ``std`` and ``protocol`` into ``config.out``. Images are decoded once into a disk
-    cache under the output folder and reused by every fold.
+    Writes ``fold-K/`` run directories (each with its own index CSV, split and metrics), ``skipped.csv`` and
+    ``cv_metrics.json`` with ``folds``, ``mean``, ``std`` and ``protocol`` into ``config.out``. Images are decoded
+    once into a disk cache under the output folder and reused by every fold. A fold finished before is reused only
+    when its recorded config and data are these (an interrupted one resumes); any other content of ``config.out``
+    is refused unless ``overwrite`` moves it aside.
     """
     if folds < 2:
         raise BrainscanError("--folds must be at least 2.")
     if config.data.final:
         raise BrainscanError("A final model (--final) has no test split: cross-validate first, then train --final.")
+    config = config.resolved()
     out = Path(config.out)
-    check_new_run(config, out)  # weights (or random_init), and no single run at out, before anything is written
+    check_output(out, own=lambda name: bool(FOLD.fullmatch(name)) or name in CV_FILES, overwrite=overwrite)
+    check_outside_data(out, config)
+    check_model_weights(config)
+    if overwrite:
+        claim_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = config.data
-    ds = scan_dataset(data.root, index=data.index, group_column=data.group_column)
-    cache = data.cache_dir or str(out / ".image-cache")
-    with progress("Reading images", len(ds.records)) as advance:
-        table = load_images(
-            [ds.absolute(r) for r in ds.records],
-            SliceFormat(data.image_size, data.crop_background, data.standardise),
-            cache_dir=cache,
-            on_progress=advance,
-            fingerprints=data.group_duplicates,
-        )
-    if table.skipped:
-        if data.strict:
-            raise BrainscanError(
-                f"{len(table.skipped)} unusable file(s) under --strict:\n{describe_skipped(table.skipped)}"
-            )
-        log.warning("Skipped %d unusable file(s):\n%s", len(table.skipped), describe_skipped(table.skipped))
-    records = [ds.records[i] for i in table.kept]
+    cache = config.data.cache_dir or str(out / ".image-cache")
+    data = replace(config.data, cache_dir=cache)
+    decoded = read_dataset(data, fingerprints=data.group_duplicates, progress=progress)
+    write_skipped_file(out / SKIPPED_FILE, decoded.skipped)
+    ds, records = decoded.dataset, decoded.records
     class_names = sorted({r.label for r in records})
     labels = np.array([class_names.index(r.label) for r in records])
     # the same duplicate sets as train's split: exact, pixel and near copies (flips, rotations, re-encodings)
-    duplicates = duplicate_set_labels(table.fingerprints) if table.fingerprints is not None else None
-    duplicate_groups = effective_groups([None] * len(records), duplicates)
-    all_groups = effective_groups([r.group for r in records], duplicates)
+    duplicate_groups = effective_groups([None] * len(records), decoded.duplicate_sets)
+    all_groups = effective_groups([r.group for r in records], decoded.duplicate_sets)
     given = [r.group for r in records] if data.group_column else None
     fold_of, method = assign_folds(labels, all_groups, given, folds=folds, seed=config.train.seed)
     straddling = sum(len(set(fold_of[duplicate_groups == g])) > 1 for g in np.unique(duplicate_groups))
@@ -95,10 +105,6 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     fold_metrics = []
     for k in range(1, folds + 1):
         fold_dir = out / f"fold-{k}"
-        if (fold_dir / "metrics.json").is_file():
-            log.info("fold %d: already done, reusing %s", k, fold_dir / "metrics.json")
-            fold_metrics.append(json.loads((fold_dir / "metrics.json").read_text()))
-            continue
         # val: a stratified share of the training folds that keeps duplicate sets whole
         split = assign_splits(
             labels,
@@ -108,23 +114,31 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
             test_fraction=data.test_fraction,
             seed=config.train.seed,
         )
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        index = fold_dir / "fold-index.csv"
-        with index.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split", *extra_columns])
-            writer.writeheader()
-            for r, g, s in zip(records, all_groups, split.splits, strict=True):
-                own = {"path": r.path, "label": r.label, "group": int(g), "split": s}
-                writer.writerow({**extras.get(r.path, {}), **own})
+        rows = [
+            {**extras.get(r.path, {}), "path": r.path, "label": r.label, "group": str(int(g)), "split": s}
+            for r, g, s in zip(records, all_groups, split.splits, strict=True)
+        ]
         fold_config = replace(
-            config,
+            config,  # resolved, as train records it
             out=str(fold_dir),
             data=replace(
-                data, root=str(ds.root), index=str(index), group_column="group", cache_dir=cache, confound_check=False
+                data, root=str(ds.root), index=str(fold_dir / FOLD_INDEX), group_column="group", confound_check=False,
+                drop_conflicts=False,  # the fold index lists only the images kept
             ),
-        )
+        ).resolved()  # fmt: skip
+        expected = identity(fold_config, [{**row, "sha1": h} for row, h in zip(rows, decoded.hashes, strict=True)])
+        state = _fold_state(fold_dir, k, fold_config, expected)
+        if state == "done":
+            log.warning("fold %d: reusing the finished run in %s (same config and data).", k, fold_dir)
+            fold_metrics.append(json.loads((fold_dir / "metrics.json").read_text()))
+            continue
+        if state == "new":
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            write_csv(fold_dir / FOLD_INDEX, ["path", "label", "group", "split", *extra_columns], rows)
+        else:
+            log.warning("fold %d: resuming the interrupted run in %s (same config and data).", k, fold_dir)
         log.info("Fold %d/%d", k, folds)
-        result = train(fold_config, resume=(fold_dir / "last.pt").is_file(), progress=progress)
+        result = train(fold_config, resume=state == "resume", progress=progress)
         fold_metrics.append(result.metrics)
 
     protocol = {
@@ -140,6 +154,9 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
         "validation": "per fold, a stratified share of the training folds, duplicate sets kept whole",
         "duplicate_sets_straddling_folds": int(straddling),
         "n_images": len(records),
+        "seed": config.train.seed,
+        "config_sha256": config_digest(config),
+        "skipped_files": len(decoded.skipped),
     }
     if confounding is not None:
         protocol["confounding"] = confounding
@@ -153,16 +170,40 @@ def cross_validate(config: RunConfig, *, folds: int = 5, progress: Progress = no
     return summary
 
 
+def _fold_state(fold_dir: Path, k: int, config: RunConfig, expected: dict[str, str]) -> str:
+    """``new``, ``resume`` (interrupted) or ``done`` (finished); a fold trained with another config or other data
+    is refused, naming what differs."""
+    runs = [name for name in RUN_FILES if (fold_dir / name).exists()]
+    if not runs:
+        return "new"
+    recorded = read_identity(fold_dir) or {}
+    if recorded.get("config_sha256") != expected["config_sha256"]:
+        saved = recorded_config(fold_dir)
+        differences = "; ".join(config_differences(saved, config)[:6]) if saved else "no run.json to compare"
+        raise BrainscanError(
+            f"{fold_dir} holds fold {k} trained with other settings ({differences}): choose another --out, or pass "
+            "--overwrite to move the old folds aside and train again."
+        )
+    if recorded.get("data_sha256") != expected["data_sha256"]:
+        raise BrainscanError(
+            f"{fold_dir} holds fold {k} trained on other images (files added, removed, changed or relabelled since): "
+            "choose another --out, or pass --overwrite to move the old folds aside and train again."
+        )
+    if (fold_dir / "metrics.json").is_file():
+        return "done"
+    if (fold_dir / "last.pt").is_file():
+        return "resume"
+    raise BrainscanError(f"{fold_dir}: fold {k} has neither metrics.json nor last.pt; pass --overwrite to start again.")
+
+
 def _index_extras(index: Path | None) -> tuple[list[str], dict[str, dict[str, str]]]:
     """The user's index columns beyond path, label, group and split (e.g. tumour boxes), by path, so that each
     fold's index keeps them and its report can still score explanations against the boxes."""
     if index is None:
         return [], {}
-    with index.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c for c in reader.fieldnames or [] if c not in ("path", "label", "group", "split")]
-        rows = {row["path"]: {c: row[c] for c in columns} for row in reader}
-    return columns, rows
+    columns, rows = read_index_rows(index)
+    extra = [c for c in columns if c not in ("path", "label", "group", "split")]
+    return extra, {path: {c: row[c] for c in extra} for path, row in rows.items()}
 
 
 def _nan_stat(fn: Any, folds: list[dict[str, Any]], key: str) -> float | None:

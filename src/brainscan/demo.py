@@ -14,7 +14,7 @@ from .errors import BrainscanError
 from .evaluate import evaluate
 from .predict import Predictor
 from .progress import Progress, no_progress
-from .train import train
+from .train import PLOTS, train
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def run_demo(out: str | Path = "runs/demo", *, progress: Progress = no_progress)
         previous = RunConfig.load(out / "config.yaml")
         if previous.data.index != demo_config(out).data.index:
             raise BrainscanError(f"{out} holds another run; choose another --out for the demo.")
-        for name in RUN_FILES:
+        # what a demo (and a report on it) writes; anything else stays, and the run refuses the folder
+        for name in (*RUN_FILES, *PLOTS, "evaluate-test.json", "report.html", "report.json"):
             (out / name).unlink(missing_ok=True)
     result = train(demo_config(out), progress=progress)
     metrics = evaluate(result.best_checkpoint, split="test", progress=progress)

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import data_root, load_checkpoint
+from .checkpoint import RUN_FILES, data_root, load_checkpoint
 from .config import RunConfig
-from .data.ingest import load_images, scan_dataset
+from .data.ingest import file_sha1, load_images, scan_dataset
 from .data.prepare import describe_skipped
 from .data.splits import read_split_file
 from .data.transforms import Preprocess
-from .errors import BrainscanError
+from .errors import BrainscanError, display_path
 from .external import evaluate_external
 from .files import write_json
 from .metrics import (
@@ -140,6 +140,22 @@ def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
+def is_training_data(data: str | Path | None, trained_on: Path | None, split_file: Path, *, sample: int = 20) -> bool:
+    """Whether ``data`` is the model's training data: its recorded folder, or, that folder gone, a folder holding
+    the same files (the first ``sample`` of the run's ``split.csv``, by path and content hash): the data moved."""
+    if data is None or _same_folder(data, trained_on):
+        return data is not None
+    if (trained_on is not None and Path(trained_on).is_dir()) or not split_file.is_file():
+        return False
+    rows = read_split_file(split_file)[:sample]
+
+    def same(row: dict[str, str]) -> bool:
+        path = Path(data) / row["path"]
+        return bool(row.get("sha1")) and path.is_file() and file_sha1(path) == row["sha1"]
+
+    return bool(rows) and all(map(same, rows))
+
+
 def load_split(
     checkpoint: str | Path,
     *,
@@ -167,13 +183,16 @@ def load_split(
     train_root = data_root(ckpt)
     split_file = checkpoint.parent / "split.csv"
     seen: set[str] | None = None
-    if (data is None and index is None) or (_same_folder(data, train_root) and index is None and split_file.is_file()):
-        if train_root is None:
+    own_data = index is None and split_file.is_file() and is_training_data(data, train_root, split_file)
+    if (data is None and index is None) or own_data:
+        if train_root is None and data is None:
             raise BrainscanError(f"{checkpoint}: the checkpoint records no data folder; pass --data DIR.")
-        root = Path(train_root)
+        root = Path(data) if data is not None else Path(train_root)  # type: ignore[arg-type]
         rows = read_split_file(split_file)
         if not root.is_dir():
-            raise BrainscanError(f"{root}: the data folder of {checkpoint} is gone; pass --data DIR.")
+            raise BrainscanError(
+                f"{root}: the data folder of {checkpoint} is gone; pass --data DIR where the images are now."
+            )
         chosen = rows if split == "all" else [r for r in rows if r["split"] == split]
         paths, labels = [r["path"] for r in chosen], [r["label"] for r in chosen]
         groups: list[str] | None = [r["group"] for r in chosen]
@@ -282,6 +301,8 @@ def evaluate(
         test.protocol["tta"] = tta
         metrics = score_split(predictor, test, tta=tta, progress=progress).metrics
     target = Path(out) if out else _metrics_path(checkpoint, split, data, index, external=external)
+    if target.name in RUN_FILES or target.suffix in (".pt", ".onnx"):
+        raise BrainscanError(f"--out {display_path(target)} would replace a run's {target.name}: choose another file.")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_json(target, metrics)
     return metrics
@@ -312,8 +333,9 @@ def _is_external(
         return True
     if data is None and index is None:
         return False
-    root = Path(data) if data is not None else Path(index).parent  # type: ignore[arg-type]
-    return not _same_folder(root, trained_on)
+    if index is not None:
+        return not _same_folder(Path(index).parent if data is None else data, trained_on)
+    return not is_training_data(data, trained_on, Path(model_file).parent / "split.csv")
 
 
 def default_metrics_path(

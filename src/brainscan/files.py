@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,3 +31,17 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write a CSV with a header atomically (a crash never leaves a truncated table)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, text.getvalue())

@@ -75,11 +75,22 @@ def compute_metrics(
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
         "class_names": list(class_names),
     }
+    absent = [k for k in labels if not support[k]] if len(y) else []
+    for k in absent:  # a recall of a class with no images is undefined, not 0
+        out["per_class"][class_names[k]]["recall"] = None
     if len(class_names) == 2:
         pos = positive_class(class_names)
         out["positive_class"] = class_names[pos]
-        out["sensitivity"] = float(recall[pos])
-        out["specificity"] = float(recall[1 - pos])
+        out["sensitivity"] = None if pos in absent else float(recall[pos])
+        out["specificity"] = None if 1 - pos in absent else float(recall[1 - pos])
+    if absent:
+        # the mean recall over the classes present would read as a score of every class (1.000 on a one-class split)
+        out["balanced_accuracy"] = None
+        out["missing_classes"] = [class_names[k] for k in absent]
+        out["note"] = (
+            f"this split holds no images of {', '.join(out['missing_classes'])}: balanced accuracy, the recall of "
+            "that class and ROC-AUC are undefined"
+        )
     out["protocol"] = protocol
     return out
 

@@ -4,6 +4,8 @@ ONNX Runtime, TorchScript, :mod:`brainscan.backends`) differ only in the forward
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +18,22 @@ from torch import nn
 
 from .backends import (
     Backend,
-    OnnxRuntimeBackend,
     TorchBackend,
-    TorchScriptBackend,
     exported_path,
     forward_batches,
     has_module,
+    load_exported,
     resolve_device,
 )
-from .checkpoint import load_checkpoint
+from .checkpoint import file_sha256, load_checkpoint
 from .data.readers import ImageReadError, is_supported, pil_to_gray, read_image, to_uint8
 from .data.transforms import Preprocess
-from .errors import BrainscanError, unknown_choice
-from .models import create_model
+from .errors import BrainscanError, display_path, unknown_choice
+from .models import create_model, get_spec
 from .progress import Progress, no_progress
 
 BACKENDS = ("auto", "torch", "onnxruntime", "torchscript")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,32 +113,52 @@ class Predictor:
     ) -> Predictor:
         """Rebuild a predictor from a brainscan checkpoint (loaded with ``weights_only=True``).
 
+        An exported model is used only when its metadata records this checkpoint's sha256, i.e. it was exported
+        from the checkpoint's current bytes.
+
         Args:
             path: the checkpoint.
             device: ``auto``, ``cpu`` or ``cuda`` (torch backend).
-            backend: ``torch``, ``onnxruntime``, ``torchscript``, or ``auto`` (ONNX Runtime when an exported
-                ``<checkpoint>.onnx`` sits beside the checkpoint and onnxruntime is installed, else torch).
+            backend: ``torch``, ``onnxruntime``, ``torchscript``, or ``auto`` (ONNX Runtime when an up-to-date
+                ``<checkpoint>.onnx`` sits beside the checkpoint and onnxruntime is installed; else torch, with a
+                logged warning when that file is stale or unreadable).
             model_path: the exported model for the onnxruntime/torchscript backends (default: beside the checkpoint).
+
+        Raises:
+            BrainscanError: unknown backend, a malformed checkpoint (structure, or weights that do not fit its
+                architecture), or with an explicit onnxruntime/torchscript backend, an exported model that is
+                missing, unreadable or exported from another checkpoint.
         """
         if backend not in BACKENDS:
             raise unknown_choice("backend", backend, BACKENDS)
+        path = Path(path)
         ckpt = load_checkpoint(path)
         preprocess = Preprocess.from_dict(ckpt["preprocess"])
+        runner: Backend | None = None
         if backend == "auto":
-            has_onnx = exported_path(path, "onnx").is_file()
-            backend = "onnxruntime" if has_onnx and has_module("onnxruntime") else "torch"
-        if backend == "torch":
-            model = create_model(ckpt["arch"], len(ckpt["class_names"]))
-            model.load_state_dict(ckpt["model_state"])
-            runner: Backend = TorchBackend(model, preprocess, resolve_device(device))
-        else:
+            exported = exported_path(path, "onnx")
+            if exported.is_file() and has_module("onnxruntime"):
+                try:
+                    runner = _verified_export(path, exported, "onnx")
+                except BrainscanError as exc:
+                    logger.warning(
+                        "%s; predicting with PyTorch instead. Bring the export up to date: "
+                        "brainscan export --checkpoint %s",
+                        exc,
+                        display_path(path),
+                    )
+        elif backend != "torch":
             fmt = "onnx" if backend == "onnxruntime" else "torchscript"
             exported = Path(model_path) if model_path else exported_path(path, fmt)
+            command = f"brainscan export --checkpoint {display_path(path)} --format {fmt}"
             if not exported.is_file():
-                raise BrainscanError(
-                    f"{exported}: no exported model; run `brainscan export --checkpoint {path} --format {fmt}`."
-                )
-            runner = OnnxRuntimeBackend(exported) if fmt == "onnx" else TorchScriptBackend(exported)
+                raise BrainscanError(f"{display_path(exported)}: no exported model; run `{command}`.")
+            try:
+                runner = _verified_export(path, exported, fmt)
+            except BrainscanError as exc:
+                raise BrainscanError(f"{exc}; refusing to predict with it. Re-export it: `{command}`.") from None
+        if runner is None:
+            runner = TorchBackend(build_model(path, ckpt), preprocess, resolve_device(device))
         return cls(
             runner,
             class_names=ckpt["class_names"],
@@ -152,16 +174,25 @@ class Predictor:
         path = Path(path)
         meta_path = path.with_suffix(".json")
         if not meta_path.is_file():
-            raise BrainscanError(f"{meta_path}: metadata missing beside the exported model.")
-        meta = json.loads(meta_path.read_text())
-        runner = OnnxRuntimeBackend(path) if path.suffix == ".onnx" else TorchScriptBackend(path)
+            raise BrainscanError(f"{display_path(meta_path)}: metadata missing beside the exported model.")
+        try:
+            meta = json.loads(meta_path.read_text())
+            preprocess = Preprocess.from_dict(meta["preprocess"])
+            class_names, temperature = list(meta["class_names"]), float(meta["calibration"].get("temperature", 1.0))
+            if not math.isfinite(temperature) or temperature <= 0:
+                raise ValueError(f"calibration temperature {temperature} is not a positive number")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BrainscanError(
+                f"{display_path(meta_path)}: not brainscan export metadata ({type(exc).__name__}: {exc})."
+            ) from None
+        runner, _ = load_exported(path, "onnx" if path.suffix == ".onnx" else "torchscript")
         return cls(
             runner,
-            class_names=meta["class_names"],
-            preprocess=Preprocess.from_dict(meta["preprocess"]),
-            temperature=float(meta["calibration"].get("temperature", 1.0)),
+            class_names=class_names,
+            preprocess=preprocess,
+            temperature=temperature,
             operating_point=meta.get("operating_point"),
-            arch=meta["arch"],
+            arch=meta.get("arch"),
         )
 
     def prepare(self, image: ImageLike) -> np.ndarray:
@@ -220,9 +251,84 @@ class Predictor:
             yield result
 
 
+def build_model(path: str | Path, ckpt: dict[str, Any]) -> nn.Module:
+    """The checkpoint's PyTorch model with its weights (``ckpt`` as :func:`~brainscan.checkpoint.load_checkpoint`
+    returns it, ``path`` only names it in errors).
+
+    Raises:
+        BrainscanError: weights that do not fit the architecture and class count (missing or extra tensors,
+            other shapes), naming the file.
+    """
+    arch, n_classes, state = ckpt["arch"], len(ckpt["class_names"]), ckpt["model_state"]
+    where = display_path(path)
+    try:
+        model = create_model(arch, n_classes)
+    except BrainscanError as exc:
+        raise BrainscanError(f"{where}: {exc}") from None
+    problem = _weights_problem(model.state_dict(), state, arch, n_classes)
+    if problem:
+        raise BrainscanError(f"{where}: its weights do not fit the {arch} architecture: {problem}.")
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # a shape or key problem the comparison above did not foresee
+        summary = " ".join(str(exc).split())[:300]
+        raise BrainscanError(f"{where}: its weights do not load ({type(exc).__name__}: {summary}).") from None
+    return model
+
+
+def _weights_problem(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], arch: str, n_classes: int
+) -> str | None:
+    head = get_spec(arch).classifier + ".weight"
+    if head in state and head in expected and state[head].shape[1:] == expected[head].shape[1:]:
+        if state[head].shape[0] != n_classes:
+            return f"class_names lists {n_classes} classes but the classifier has {state[head].shape[0]} outputs"
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [
+        f"{k} is {list(state[k].shape)}, expected {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = [
+        f"{label} {_some(items)}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped))
+        if items
+    ]
+    return "; ".join(parts) or None
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _verified_export(checkpoint: Path, exported: Path, fmt: str) -> Backend:
+    """The exported model, when its metadata says it was exported from ``checkpoint``'s current bytes.
+
+    Raises:
+        BrainscanError: unreadable, no recorded source, or exported from other bytes (the checkpoint changed since).
+    """
+    runner, meta = load_exported(exported, fmt)
+    recorded = (meta or {}).get("source_checkpoint_sha256")
+    if not recorded:
+        raise BrainscanError(
+            f"{display_path(exported)}: records no source checkpoint (exported by an older brainscan), so it cannot "
+            f"be matched to {display_path(checkpoint)}"
+        )
+    if recorded != file_sha256(checkpoint):
+        source = display_path(str(meta.get("source_checkpoint") or "checkpoint"))
+        raise BrainscanError(
+            f"{display_path(exported)}: stale export: the {source} it was made from is not what "
+            f"{display_path(checkpoint)} holds now (sha256 differs: the checkpoint changed since the export)"
+        )
+    return runner
+
+
 def discover_images(paths: Iterable[str | Path], *, recursive: bool = True) -> list[Path]:
     """The given files as given, and the supported images inside the given folders (sorted, subfolders too
-    unless ``recursive=False``). A missing file stays in the list: reading it reports it, and the rest go on.
+    unless ``recursive=False``). A missing file, a FIFO or a device, and a given folder that holds no image stay in
+    the list: reading them reports them, and the rest go on.
 
     Raises:
         BrainscanError: no file at all.
@@ -231,10 +337,10 @@ def discover_images(paths: Iterable[str | Path], *, recursive: bool = True) -> l
     for path in map(Path, paths):
         if path.is_dir():
             found = path.rglob("*") if recursive else path.glob("*")
-            files += sorted(p for p in found if p.is_file() and is_supported(p))
+            files += sorted(p for p in found if not p.is_dir() and is_supported(p)) or [path]
         else:
             files.append(path)
-    if not files:
+    if all(p.is_dir() for p in files):
         raise BrainscanError("No image files given (folders are searched for JPEG/PNG/DICOM/NIfTI files).")
     return files
 

@@ -20,6 +20,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from .about import DISCLAIMER
 from .config import RunConfig
+from .data.ingest import read_index_rows
 from .data.readers import read_image
 from .evaluate import RunEvaluation, evaluate_run
 from .explain import (
@@ -109,11 +110,8 @@ def _index_rows(config: RunConfig) -> dict[str, dict[str, str]] | None:
     index = Path(config.data.index)
     if not index.is_file():
         return None
-    with index.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if not set(BOX_COLUMNS) <= set(reader.fieldnames or []):
-            return None
-        return {r["path"]: r for r in reader}
+    columns, rows = read_index_rows(index)
+    return rows if set(BOX_COLUMNS) <= set(columns) else None
 
 
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:

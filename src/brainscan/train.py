@@ -3,8 +3,6 @@ fitting, validation, checkpoints, and the final scoring — in the manner of tor
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -21,16 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .backends import TorchBackend, fast_backend, forward_batches, resolve_device
-from .checkpoint import RUN_FILES, TRAINING_PRINTS, checkpoint_payload, load_checkpoint, save_checkpoint
+from .checkpoint import TRAINING_PRINTS, checkpoint_payload, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .data.fingerprint import save_fingerprints
-from .data.prepare import PreparedData, prepare_data
+from .data.prepare import SKIPPED_FILE, PreparedData, prepare_data, write_skipped_file
 from .data.splits import write_split_file
 from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_input
 from .errors import BrainscanError
 from .evaluate import Split, score_split
 from .figures import confusion_matrix_figure, curves_figure, examples_figure, save_png
-from .files import write_atomic, write_json
+from .files import write_csv, write_json
 from .hardware import release_free_memory, set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
 from .metrics import compute_metrics
@@ -46,11 +44,13 @@ from .models import (
 )
 from .predict import Predictor
 from .progress import Progress, no_progress
+from .rundir import check_output, check_outside_data, claim_output, write_identity
 
 log = logging.getLogger(__name__)
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 VAL_BATCH = 64
+PLOTS = ("curves.png", "confusion_matrix.png", "examples.png")
 HISTORY_FIELDS = [
     "epoch",
     "stage",
@@ -181,14 +181,18 @@ def train(
     config: RunConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
 ) -> RunResult:
     """Train a model as ``config`` says, writing a self-describing run directory at ``config.out``.
 
     The run directory holds ``config.yaml``, ``split.csv``, ``history.csv``, ``best.pt``, ``last.pt``,
-    ``metrics.json`` (held-out test split) and PNG plots; it is created once the data are read and the model is
-    built, so a run that fails before training leaves nothing behind. ``resume=True`` continues from ``last.pt``.
+    ``metrics.json`` (held-out test split), ``skipped.csv`` (files left out, with reasons), ``run.json`` (digests
+    of config and data) and PNG plots; it is created once the data are read and the model is built, so a run that
+    fails before training leaves nothing behind. ``--out`` must be new or empty: ``resume=True`` continues the run
+    there from ``last.pt``; ``overwrite=True`` moves what is there aside (never deletes). Data paths are recorded
+    absolute.
     ``on_epoch_end`` receives each epoch's history row once ``last.pt`` is written (live plots, custom stopping);
     ``progress`` reports reading and epochs (:mod:`brainscan.progress`).
 
@@ -198,10 +202,10 @@ def train(
         >>> result.metrics["accuracy"]  # doctest: +SKIP
     """
     run_dir = Path(config.out)
-    config, last = _resume_state(run_dir, config) if resume else (config, None)
+    config, last = _resume_state(run_dir, config) if resume else (config.resolved(), None)
     if last is None:
-        check_new_run(config, run_dir)
-    s = _set_up(config, run_dir, resumed=last is not None, progress=progress)
+        check_new_run(config, run_dir, overwrite=overwrite)
+    s = _set_up(config, run_dir, resumed=last is not None, overwrite=overwrite, progress=progress)
     tracker = Tracker(sign=-1.0 if config.train.monitor == "val_loss" else 1.0)
     start_epoch = _restore(s, tracker, last) if last is not None else 1
     started = time.time()
@@ -215,13 +219,14 @@ def train(
         val = _validate_epoch(s, recalibrate=served and not frozen, size=s.preprocess.image_size if served else size)
         row = _history_row(s, epoch, frozen, size, fit, val, time.time() - epoch_start)
         tracker.history.append(row)
-        _write_history(run_dir / "history.csv", tracker.history)
         if config.train.schedule == "plateau":
             s.scheduler.step(row[config.train.monitor])
         # a final model has no held-out figures to choose by: it keeps its last epoch, as its recipe was chosen
         if served and (tracker.update(row[config.train.monitor], epoch) or config.data.final):
             save_checkpoint(_payload(s, epoch), run_dir / "best.pt")
         save_checkpoint(_payload(s, epoch, resume=_resume_payload(s, tracker)), run_dir / "last.pt")
+        # after last.pt, so that history.csv never runs ahead of what --resume continues from
+        write_csv(run_dir / "history.csv", HISTORY_FIELDS, tracker.history)
         if on_epoch_end is not None:
             on_epoch_end(row)
         if config.train.patience and tracker.bad_epochs >= config.train.patience:
@@ -233,15 +238,19 @@ def train(
                    config.train.target_sensitivity, progress=progress)  # fmt: skip
 
 
-def check_new_run(config: RunConfig, run_dir: Path) -> None:
-    """Everything that can be checked before any image is read: the output folder holds no run, and a pretrained
-    architecture has weights (or was asked to start from random ones)."""
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if existing:
-        raise BrainscanError(
-            f"{run_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it, or choose "
-            "another --out."
-        )
+def check_new_run(config: RunConfig, run_dir: Path, *, overwrite: bool = False) -> None:
+    """Everything that can be checked before any image is read: the output folder is new or empty (or
+    ``overwrite``) and outside the data, and a pretrained architecture has weights (or was asked to start from
+    random ones)."""
+    index = Path(config.data.index) if config.data.index else None
+    own_index = index.name if index is not None and index.parent.resolve() == run_dir.resolve() else None
+    check_output(run_dir, own=lambda name: name == own_index, overwrite=overwrite, wanted=config)
+    check_outside_data(run_dir, config)
+    check_model_weights(config)
+
+
+def check_model_weights(config: RunConfig) -> None:
+    """A pretrained architecture has weights, or was asked to start from random ones."""
     spec = get_spec(config.model.name)
     if config.model.weights:
         check_weights(spec, config.model.weights)
@@ -253,7 +262,7 @@ def check_new_run(config: RunConfig, run_dir: Path) -> None:
         )
 
 
-def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, progress: Progress) -> Session:
+def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, overwrite: bool, progress: Progress) -> Session:
     """Seeds, data, model, loaders, loss and optimisation, in the order that fixes every random draw; then the
     run directory, once nothing before training can fail."""
     t = config.train
@@ -294,9 +303,14 @@ def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, progress: Progre
     optimizer = _build_optimizer(model, spec, t, pretrained)
     scheduler = SCHEDULES[t.schedule](optimizer, t, t.epochs * len(train_loader))
 
+    if overwrite and not resumed:
+        index = Path(config.data.index) if config.data.index else None
+        claim_output(run_dir, own=lambda name: index is not None and run_dir / name == index)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
     write_split_file(run_dir / "split.csv", data.rows)
+    write_skipped_file(run_dir / SKIPPED_FILE, data.skipped)
+    write_identity(run_dir, config, data.rows)
     if data.fingerprints is not None:
         save_fingerprints(run_dir / TRAINING_PRINTS, data.seen_fingerprints())
     return Session(
@@ -582,14 +596,6 @@ def _class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
-
-
 def _resume_state(run_dir: Path, config: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
     last = run_dir / "last.pt"
     if not last.is_file():
@@ -645,12 +651,11 @@ def _finish(
     best["metrics"] = metrics
     save_checkpoint(best, run_dir / "best.pt")
 
-    save_png(curves_figure(history), run_dir / "curves.png")
-    save_png(confusion_matrix_figure(metrics["confusion_matrix"], data.class_names), run_dir / "confusion_matrix.png")
+    curves, confusion, examples = PLOTS
+    save_png(curves_figure(history), run_dir / curves)
+    save_png(confusion_matrix_figure(metrics["confusion_matrix"], data.class_names), run_dir / confusion)
     save_png(
-        examples_figure(test.images, test.targets, scores.probs, data.class_names, seed=0),
-        run_dir / "examples.png",
-        dpi=80,
+        examples_figure(test.images, test.targets, scores.probs, data.class_names, seed=0), run_dir / examples, dpi=80
     )
     roc_auc = metrics["roc_auc"]
     log.info(

@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BrainscanError
+from ..errors import BrainscanError, display_path
+from ..files import write_csv, write_json
 from ..labels import labels_conflict
 from .confounding import ConfoundReport, confound_check
 from .duplicates import (
@@ -135,7 +134,7 @@ class AuditResult:
             "files": len(self.files),
             "unreadable": {
                 "count": len(self.unreadable),
-                "files": [{"path": p, "reason": r} for p, r in self.unreadable],
+                "files": [{"path": display_path(p), "reason": r} for p, r in self.unreadable],
             },
             "groups": {**groups, "total": sum(groups.values())},
             "redundant_files": {**redundant, "total": sum(redundant.values())},
@@ -197,18 +196,18 @@ class AuditResult:
         self.write_csv(out / "duplicates.csv")
         counts = self.counts()
         counts["summary"] = self.summary(counts)
-        (out / "audit.json").write_text(json.dumps(counts, indent=2) + "\n")
+        write_json(out / "audit.json", counts)
         return counts
 
     def write_csv(self, path: str | Path) -> None:
         """``group_id,path,split,label,kind``: one row per file in a group; other datasets' paths are ``name:path``."""
-        with Path(path).open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["group_id", "path", "split", "label", "kind"])
-            for group in self.groups:
-                for i in group.members:
-                    file = self.files[i]
-                    writer.writerow([group.id, file.display_path, file.split or "", file.label, group.kind])
+        rows = (
+            {"group_id": group.id, "path": self.files[i].display_path, "split": self.files[i].split or "",
+             "label": self.files[i].label, "kind": group.kind}
+            for group in self.groups
+            for i in group.members
+        )  # fmt: skip
+        write_csv(path, ["group_id", "path", "split", "label", "kind"], rows)
 
 
 def _dataset_names(roots: Sequence[Path]) -> list[str]:
@@ -317,10 +316,7 @@ class DuplicateAwareSplit:
         """Write ``path,label,group,split`` rows (paths relative to the data folder)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv(target, ["path", "label", "group", "split"], self.rows)
 
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}

@@ -80,7 +80,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
 from ..errors import BrainscanError
-from .readers import DicomReader, ImageReadError, PILReader, pil_to_gray, read_image, reader_for
+from .readers import DicomReader, ImageReadError, PILReader, open_pil, pil_to_gray, read_image, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _jpeg_features(image: Image.Image, values: dict[str, float]) -> None:
 def _pil_header(path: Path, values: dict[str, float]) -> np.ndarray:
     """Header and colour features of a Pillow-readable file; returns the grey slice as read_image does."""
     try:
-        with Image.open(path) as image:
+        with open_pil(path) as image:  # a regular file whose header is within the pixel cap, as read_image wants
             image.load()
             fmt = {"MPO": "JPEG"}.get(image.format or "", image.format or "")
             values[f"format_{(fmt if fmt in FORMATS else 'other').lower()}"] = 1.0

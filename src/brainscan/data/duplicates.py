@@ -110,7 +110,9 @@ def fingerprint_files(
 
     def work(path: str | Path) -> Fingerprint | str:
         try:
-            sha1 = file_sha1(path)
+            sha1 = file_sha1(path)  # refuses FIFOs and devices before opening them
+        except ImageReadError as exc:
+            return exc.reason
         except OSError as exc:
             return f"cannot read file ({exc.strerror or exc})"
         try:

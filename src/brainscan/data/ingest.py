@@ -13,9 +13,11 @@ Every file is decoded before training starts: unreadable ones are reported with 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import os
+import posixpath
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +27,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..errors import BrainscanError
+from ..errors import BrainscanError, display_path
 from ..files import write_atomic
 from .fingerprint import FINGERPRINT_VERSION, Fingerprint, fingerprint_slice
-from .readers import ImageReadError, is_supported, read_image
+from .readers import ImageReadError, is_supported, read_image, require_regular_file
 from .transforms import SliceFormat
 
 T = TypeVar("T")
@@ -135,49 +137,140 @@ def scan_dataset(
 def _scan_class_folders(root: Path, parent: Path, split: str | None) -> tuple[list[Record], list[tuple[str, str]]]:
     records, skipped = [], []
     for class_dir in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if is_run_directory(class_dir):  # e.g. an earlier --out inside the data: its plots are not a class
+            skipped.append((class_dir.relative_to(root).as_posix(), "a brainscan run directory, not a class folder"))
+            continue
         for path in sorted(class_dir.rglob("*")):
-            if not path.is_file():
-                continue
             rel = path.relative_to(root).as_posix()
-            if is_supported(path):
-                records.append(Record(rel, class_dir.name, None, split))
+            if path.is_dir():
+                if is_supported(path):
+                    skipped.append((rel, "a folder named like an image file"))
+                continue
+            reason = _unusable(path, rel)
+            if reason:
+                skipped.append((rel, reason))
             else:
-                skipped.append((rel, f"not an image file ({path.suffix or 'no suffix'})"))
+                records.append(Record(rel, class_dir.name, None, split))
     return records, skipped
+
+
+def _unusable(path: Path, rel: str) -> str | None:
+    """Why a file found in a class folder cannot be one of its images (None: it can)."""
+    if not is_supported(path):
+        return f"not an image file ({path.suffix or 'no suffix'})"
+    if not _is_utf8(rel):
+        return "the file name is not valid UTF-8: rename the file"
+    try:
+        require_regular_file(path)  # FIFOs, devices and dangling links: said here, never opened
+    except ImageReadError as exc:
+        return exc.reason
+    return None
+
+
+def is_run_directory(folder: Path) -> bool:
+    """A folder brainscan wrote as a run (``train``/``cv --out``), which a data scan must not read as images."""
+    return (folder / "run.json").is_file() or (folder / "config.yaml").is_file() and (folder / "split.csv").is_file()
+
+
+def _is_utf8(text: str) -> bool:
+    # names Linux allows but UTF-8 cannot hold arrive as surrogate escapes; no CSV, JSON or terminal takes them
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _scan_index(index: Path, root: Path | None, group_column: str | None) -> Dataset:
     if not index.is_file():
-        raise BrainscanError(f"{index}: no such index file.")
+        raise BrainscanError(f"{display_path(index)}: no such index file.")
     root = root or index.parent
-    with index.open(newline="") as f:
+    try:
+        with index.open(newline="", encoding=_text_encoding(index)) as f:
+            records, skipped = _index_records(index, csv.DictReader(f), group_column)
+    except UnicodeError as exc:
+        raise BrainscanError(f"{display_path(index)}: not UTF-8 text ({exc}); save the CSV as UTF-8.") from None
+    if not records:
+        raise BrainscanError(f"{display_path(index)}: the index lists no images.")
+    return Dataset(root, "index", records, sorted({r.label for r in records}), skipped, index=index)
+
+
+def read_index_rows(index: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """An index CSV's columns and its rows by (normalised) path, read as :func:`scan_dataset` reads it."""
+    with index.open(newline="", encoding=_text_encoding(index)) as f:
         reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        return columns, {posixpath.normpath(row["path"]): row for row in reader if row.get("path")}
+
+
+def _text_encoding(path: Path) -> str:
+    """UTF-16 when the file starts with its byte-order mark, else UTF-8 with or without one (Excel writes one)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+
+
+def _index_records(
+    index: Path, reader: csv.DictReader, group_column: str | None
+) -> tuple[list[Record], list[tuple[str, str]]]:
+    try:
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
         for needed in ("path", "label"):
             if needed not in columns:
-                raise BrainscanError(f"{index}: missing column {needed!r} (has {', '.join(columns)}).")
+                raise BrainscanError(f"{display_path(index)}: missing column {needed!r} (has {', '.join(columns)}).")
         group_key = group_column or ("group" if "group" in columns else None)
         if group_key and group_key not in columns:
-            raise BrainscanError(f"{index}: no group column {group_key!r} (has {', '.join(columns)}).")
-        records = []
-        for line, row in enumerate(reader, start=2):
+            raise BrainscanError(f"{display_path(index)}: no group column {group_key!r} (has {', '.join(columns)}).")
+        records: dict[str, Record] = {}
+        skipped = []
+        for row in reader:
+            where = f"{display_path(index)}:{reader.line_num}"
             if not row["path"] or not row["label"]:
-                raise BrainscanError(f"{index}:{line}: empty path or label.")
+                raise BrainscanError(f"{where}: empty path or label.")
+            path = _inside_root(row["path"], where)
             split = row.get("split") or None
-            records.append(
-                Record(
-                    row["path"],
-                    row["label"],
-                    (row[group_key] or None) if group_key else None,
-                    normalise_split(split, source=f"{index}:{line}") if split else None,
-                )
+            record = Record(
+                path,
+                row["label"].strip(),
+                (row[group_key] or None) if group_key else None,
+                normalise_split(split, source=where) if split else None,
             )
-    if not records:
-        raise BrainscanError(f"{index}: the index lists no images.")
-    return Dataset(root, "index", records, sorted({r.label for r in records}), index=index)
+            if path not in records:
+                records[path] = record
+            elif records[path].label == record.label:  # listed twice: read once
+                skipped.append((path, f"listed again at {where} (read once)"))
+            else:
+                raise BrainscanError(
+                    f"{where}: {display_path(path)} is listed as {records[path].label!r} and as {record.label!r}: "
+                    "one file, one label. Fix the index."
+                )
+    except csv.Error as exc:
+        line = reader.line_num + 1  # the row being read when it failed
+        raise BrainscanError(f"{display_path(index)}:{line}: not a readable CSV row ({exc}).") from None
+    return list(records.values()), skipped
+
+
+def _inside_root(path: str, where: str) -> str:
+    """An index path, normalised; absolute paths and ``..`` that leave the data folder are refused."""
+    normal = posixpath.normpath(path)
+    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../"):
+        raise BrainscanError(
+            f"{where}: path {display_path(path)!r} lies outside the data folder: index paths are relative to it "
+            "(give --data a folder that holds every image)."
+        )
+    return normal
 
 
 def file_sha1(path: str | Path) -> str:
+    """sha1 of a file's bytes.
+
+    Raises:
+        ImageReadError: ``path`` is missing or not a regular file (a FIFO or a device could block or never end).
+        OSError: the file cannot be read.
+    """
+    require_regular_file(path)
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -216,14 +309,25 @@ def load_images(
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
 
+    def load_slice(path: Path) -> np.ndarray:
+        # An entry of another shape or type (damaged, or written by another version) is a cache miss, rebuilt here,
+        # not a crash later in np.stack.
+        entry = np.load(path, allow_pickle=False)
+        expected = (slice_format.image_size, slice_format.image_size)
+        if not isinstance(entry, np.ndarray) or entry.shape != expected or entry.dtype != np.uint8:
+            raise ValueError(f"{path}: cache entry is not a {expected} uint8 slice")
+        return entry
+
     def work(path: str | Path) -> tuple[np.ndarray | None, str, str | None, Fingerprint | None]:
         try:
             digest = file_sha1(path)
+        except ImageReadError as exc:
+            return None, "", exc.reason, None
         except OSError as exc:
             return None, "", f"cannot read file ({exc.strerror or exc})", None
         cached = cache / f"{digest}-{slice_format.key}.npy" if cache else None
         cached_print = cache / f"{digest}-fingerprint-v{FINGERPRINT_VERSION}.npz" if cache and fingerprints else None
-        array = _read_cached(cached, np.load)
+        array = _read_cached(cached, load_slice)
         fingerprint = _read_cached(cached_print, lambda p: Fingerprint.load(p, digest))
         if array is not None and (fingerprint is not None or not fingerprints):
             return array, digest, None, fingerprint

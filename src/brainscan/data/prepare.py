@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import DataConfig
-from ..errors import BrainscanError
+from ..errors import BrainscanError, display_path
+from ..files import write_csv
 from ..progress import Progress, no_progress
 from .confounding import confound_check, confound_warning
 from .duplicates import group_fingerprints
 from .fingerprint import Fingerprint
-from .ingest import load_images, scan_dataset
+from .ingest import Dataset, Record, load_images, scan_dataset
 from .splits import assign_splits, effective_groups, read_split_file
 from .transforms import SliceFormat
 
@@ -49,7 +52,7 @@ class PreparedData:
 
 
 def describe_skipped(skipped: list[tuple[str, str]], limit: int = 10) -> str:
-    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+    lines = [f"  {display_path(path)}: {display_path(reason)}" for path, reason in skipped[:limit]]
     if len(skipped) > limit:
         lines.append(f"  … and {len(skipped) - limit} more")
     return "\n".join(lines)
@@ -78,15 +81,30 @@ def check_confounding(paths: list[Path], records: list[Any], groups: np.ndarray,
     return summary
 
 
-def prepare_data(
-    config: DataConfig, *, seed: int, split_file: str | Path | None = None, progress: Progress = no_progress
-) -> PreparedData:
-    """Scan, decode (reporting unreadable files) and split the data.
+@dataclass
+class DecodedData:
+    """Every usable image of a dataset, decoded once, and every file left out with its reason."""
 
-    With ``split_file`` (a run's ``split.csv``) the recorded split is reused instead of drawing a new one.
+    dataset: Dataset
+    records: list[Record]  # of the usable images, in scan order
+    images: np.ndarray  # N×S×S uint8
+    hashes: list[str]  # sha1 of each file
+    fingerprints: list[Fingerprint] | None  # the audit's, when asked for
+    skipped: list[tuple[str, str]]  # (path relative to the data root, reason)
+    conflicting_sets: int = 0  # sets of copies under two labels, left out with drop_conflicts
+
+    @cached_property
+    def duplicate_sets(self) -> list[str] | None:
+        """A duplicate-set label per image (exact, pixel and near copies), when fingerprinted."""
+        return duplicate_set_labels(self.fingerprints) if self.fingerprints is not None else None
+
+
+def read_dataset(config: DataConfig, *, fingerprints: bool, progress: Progress = no_progress) -> DecodedData:
+    """Scan and decode the data once: unreadable files are skipped and reported (fatal under ``strict``); the same
+    image under two labels is an error, or left out with ``drop_conflicts``.
 
     Raises:
-        BrainscanError: no usable images, unreadable files under ``strict``, or an empty split.
+        BrainscanError: no usable image, unreadable files under ``strict``, or conflicting labels.
     """
     ds = scan_dataset(config.root, index=config.index, group_column=config.group_column)
     paths = [ds.absolute(r) for r in ds.records]
@@ -96,33 +114,120 @@ def prepare_data(
             SliceFormat(config.image_size, config.crop_background, config.standardise),
             cache_dir=config.cache_dir,
             on_progress=advance,
-            fingerprints=split_file is None,  # kept in the run, so an external evaluation can exclude copies
+            fingerprints=fingerprints,
         )
-    root_str = str(ds.root)
-    skipped = [(p, r) for p, r in ds.skipped] + [
-        (str(Path(p).relative_to(root_str)) if p.startswith(root_str) else p, r) for p, r in table.skipped
-    ]
+    unreadable = [(ds.records[i].path, reason) for i, reason in _skipped_indices(paths, table.skipped)]
+    skipped = list(ds.skipped) + unreadable
     if skipped:
         if config.strict:
             raise BrainscanError(f"{len(skipped)} unusable file(s) under --strict:\n{describe_skipped(skipped)}")
         log.warning("Skipped %d unusable file(s):\n%s", len(skipped), describe_skipped(skipped))
     records = [ds.records[i] for i in table.kept]
     if not records:
-        raise BrainscanError(f"{ds.root}: none of the {len(paths)} listed images could be read.")
+        raise BrainscanError(f"{display_path(ds.root)}: none of the {len(paths)} listed images could be read.")
+    data = DecodedData(ds, records, table.images, table.hashes, table.fingerprints, skipped)
+    return _resolve_conflicts(data, drop=config.drop_conflicts)
+
+
+def _skipped_indices(paths: list[Path], skipped: list[tuple[str, str]]) -> list[tuple[int, str]]:
+    position = {str(p): i for i, p in enumerate(paths)}
+    return [(position[p], reason) for p, reason in skipped]
+
+
+def label_conflicts(labels: list[str], keys: list[str]) -> list[list[int]]:
+    """Sets of images that share a key (file content, or duplicate set) but not a label: index lists."""
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    return [idx for idx in members.values() if len({labels[i] for i in idx}) > 1]
+
+
+def _resolve_conflicts(data: DecodedData, *, drop: bool) -> DecodedData:
+    labels = [r.label for r in data.records]
+    conflicts = label_conflicts(labels, data.duplicate_sets or data.hashes)
+    if not conflicts:
+        return data
+    n = sum(map(len, conflicts))
+    first = conflicts[0]
+    example = " and ".join(f"{display_path(data.records[i].path)} ({labels[i]})" for i in first[:2])
+    if not drop:
+        raise BrainscanError(
+            f"{len(conflicts)} image(s) appear under two labels (the same file, or copies of one slice: {n} files), "
+            f"e.g. {example}. Fix the labels, or pass --drop-conflicts to leave those {n} files out (listed in the "
+            "run's skipped.csv); `brainscan audit` lists every duplicate set."
+        )
+    out = {i for idx in conflicts for i in idx}
+    reasons = {}
+    for idx in conflicts:
+        for i in idx:
+            others = ", ".join(f"{data.records[j].path} ({labels[j]})" for j in idx if j != i)
+            reasons[i] = f"conflicting labels: labelled {labels[i]}, a copy of {others}"
+    keep = [i for i in range(len(labels)) if i not in out]
+    log.warning("--drop-conflicts: left out %d files: %d sets of copies under two labels, e.g. %s.", n,
+                len(conflicts), example)  # fmt: skip
+    return DecodedData(
+        data.dataset,
+        [data.records[i] for i in keep],
+        data.images[keep],
+        [data.hashes[i] for i in keep],
+        [data.fingerprints[i] for i in keep] if data.fingerprints is not None else None,
+        data.skipped + [(data.records[i].path, reasons[i]) for i in sorted(out)],
+        len(conflicts),
+    )
+
+
+def check_class_counts(
+    class_names: list[str], targets: np.ndarray, splits: np.ndarray, required: tuple[str, ...]
+) -> None:
+    """Every class needs images in every ``required`` split: otherwise its metrics are undefined (a class missing
+    from test scores a balanced accuracy of 1.000 on the others), and a one-image class is usually a typo.
+
+    Raises:
+        BrainscanError: naming the class and its count per split.
+    """
+    for k, name in enumerate(class_names):
+        counts = {s: int(((targets == k) & (splits == s)).sum()) for s in required}
+        if min(counts.values()) == 0:
+            total = int((targets == k).sum())
+            per_split = ", ".join(f"{s} {n}" for s, n in counts.items())
+            raise BrainscanError(
+                f"Class {display_path(name)!r} has {total} image(s) ({per_split}): every class needs images in "
+                f"{', '.join(required)} for its metrics to mean anything. A typo in a label? Otherwise add images "
+                "of that class, or leave it out."
+            )
+
+
+def prepare_data(
+    config: DataConfig, *, seed: int, split_file: str | Path | None = None, progress: Progress = no_progress
+) -> PreparedData:
+    """Scan, decode (reporting unreadable files) and split the data.
+
+    With ``split_file`` (a run's ``split.csv``) the recorded split is reused instead of drawing a new one; the
+    files must be those the run started with.
+
+    Raises:
+        BrainscanError: no usable images, unreadable files under ``strict``, conflicting labels, a class missing
+            from a split, or data changed since ``split_file`` was written.
+    """
+    decoded = read_dataset(config, fingerprints=split_file is None, progress=progress)
+    ds, skipped = decoded.dataset, decoded.skipped
+    records, hashes = decoded.records, decoded.hashes
     class_names = sorted({r.label for r in records})
     targets = np.array([class_names.index(r.label) for r in records])
 
     if split_file is not None:
         recorded = {row["path"]: row for row in read_split_file(split_file)}
-        missing = [r.path for r in records if r.path not in recorded]
-        if missing:
-            raise BrainscanError(f"{split_file} does not list {len(missing)} image(s), e.g. {missing[0]}.")
+        _check_unchanged(split_file, records, hashes, recorded)
+        keep = [i for i, r in enumerate(records) if r.path in recorded]
+        records, hashes, targets = [records[i] for i in keep], [hashes[i] for i in keep], targets[keep]
+        images = decoded.images[keep]
         splits = np.array([recorded[r.path]["split"] for r in records])
         groups = np.array([int(recorded[r.path]["group"]) for r in records])
         description, straddling = "reused from " + Path(split_file).name, 0
         groups_of_duplicates = []
     else:
-        duplicates = duplicate_set_labels(table.fingerprints) if config.group_duplicates else None
+        images = decoded.images
+        duplicates = decoded.duplicate_sets if config.group_duplicates else None
         groups = effective_groups([r.group for r in records], duplicates)
         groups_of_duplicates = duplicates or []
         result = assign_splits(
@@ -140,22 +245,19 @@ def prepare_data(
     for name in ("train", "val") if config.final else ("train", "val", "test"):
         if not (splits == name).any():
             raise BrainscanError(f"The {name} split is empty: too few images or groups to split.")
+    check_class_counts(class_names, targets, splits, ("train", "val") if config.final else ("train", "val", "test"))
     confounding = None
     if config.confound_check and split_file is None:
         confounding = check_confounding([ds.absolute(r) for r in records], records, groups, progress)
-    missing_classes = set(range(len(class_names))) - set(targets[splits == "train"])
-    if missing_classes:
-        names = ", ".join(class_names[i] for i in sorted(missing_classes))
-        raise BrainscanError(f"The training split has no images of class(es) {names}.")
 
-    duplicate_sets = sum(1 for c in Counter(table.hashes).values() if c > 1)
+    duplicate_sets = sum(1 for c in Counter(hashes).values() if c > 1)
     grouping = []
     if ds.records and any(r.group for r in records):
         grouping.append(f"group column {config.group_column or 'group'}")
     if config.group_duplicates:
         grouping.append("duplicate sets kept whole (exact, pixel and near copies incl. flips/rotations)")
     protocol = {
-        "dataset": root_str,
+        "dataset": str(ds.root),
         "layout": ds.layout,
         "split_method": description,
         "grouping": " + ".join(grouping) or "none (images split independently)",
@@ -172,13 +274,47 @@ def prepare_data(
         if config.final
         else "yes",
         "skipped_files": len(skipped),
+        "label_conflicts": f"{decoded.conflicting_sets} set(s) of copies under two labels left out (--drop-conflicts)"
+        if decoded.conflicting_sets
+        else "none",
     }
     if confounding is not None:
         protocol["confounding"] = confounding
     rows = [
         {"path": r.path, "label": r.label, "group": str(int(g)), "split": s, "sha1": h}
-        for r, g, s, h in zip(records, groups, splits, table.hashes, strict=True)
+        for r, g, s, h in zip(records, groups, splits, hashes, strict=True)
     ]
     return PreparedData(
-        ds.root, class_names, table.images, targets, splits, rows, protocol, skipped, table.fingerprints
-    )
+        ds.root, class_names, images, targets, splits, rows, protocol, skipped,
+        decoded.fingerprints if split_file is None else None,
+    )  # fmt: skip
+
+
+def _check_unchanged(
+    split_file: str | Path, records: list[Record], hashes: list[str], recorded: dict[str, dict[str, str]]
+) -> None:
+    """A resumed run must see the files it started with: none changed, none added (but those it left out)."""
+    left_out = {row["path"] for row in read_skipped_file(Path(split_file).with_name(SKIPPED_FILE))}
+    for r, h in zip(records, hashes, strict=True):
+        row = recorded.get(r.path)
+        if row is None and r.path not in left_out:
+            raise BrainscanError(f"{split_file} does not list {display_path(r.path)}: the data changed since the run "
+                                 "started; train a new run.")  # fmt: skip
+        if row is not None and row.get("sha1") and row["sha1"] != h:
+            raise BrainscanError(f"{display_path(r.path)} changed since the run started (its content hash differs "
+                                 f"from {split_file}); train a new run.")  # fmt: skip
+
+
+SKIPPED_FILE = "skipped.csv"
+
+
+def write_skipped_file(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """``skipped.csv``: every file a run left out (unreadable, not an image, conflicting label) and why."""
+    write_csv(path, ["path", "reason"], ({"path": display_path(p), "reason": r} for p, r in skipped))
+
+
+def read_skipped_file(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

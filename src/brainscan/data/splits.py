@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from ..errors import BrainscanError
+from ..files import write_csv
 from .grouping import connected_groups, links_by_key
 
 SPLITS = ("train", "val", "test")
@@ -109,10 +110,7 @@ def assign_splits(
 
 def write_split_file(path: str | Path, rows: Sequence[dict]) -> None:
     """Write ``path,label,group,split,sha1`` rows; :func:`read_split_file` reads them back for evaluate."""
-    with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split", "sha1"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, ["path", "label", "group", "split", "sha1"], rows)
 
 
 def read_split_file(path: str | Path) -> list[dict]:
