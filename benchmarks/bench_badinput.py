@@ -8,7 +8,9 @@ Generates (seeded, deterministic) a corpus of ~110 files in ~27 kinds, each with
 followed by random bytes under every suffix, PNG/JPEG headers declaring decompression bombs, NIfTI full of NaN,
 DICOM with huge Rows/Columns, no pixel data or garbage compressed data, FIFOs, links to /dev/zero, a dangling link,
 folders named like images) or "accept" (a 1024³ int16 NIfTI of zeros, 4-D NIfTI, NIfTI with some NaN, 16-bit
-PNG/TIFF, images behind the wrong suffix, file names holding Rich markup or bytes that are not UTF-8, plain controls).
+PNG/TIFF, images behind the wrong suffix, file names holding Rich markup, plain controls) or "predict-only" (file
+names holding bytes that are not UTF-8: predicted one by one, left out of a dataset with the reason, as its paths go
+into CSV, JSON and YAML).
 Then, each in its own process group, with a timeout (a hang is killed and counted as "hung") and a memory cap (a
 child whose resident memory passes --max-rss-mb is killed and counted as crashed):
 

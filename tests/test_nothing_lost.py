@@ -343,3 +343,17 @@ def test_history_never_runs_ahead_of_the_checkpoint_that_resume_continues_from(d
         train(cfg, on_epoch_end=block_last_checkpoint)
     with (out / "history.csv").open() as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1"]
+
+
+def test_a_table_whose_rows_fail_halfway_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:
+    from brainscan.files import write_csv
+
+    target = write_csv(tmp_path / "split.csv", ["path"], [{"path": "a.png"}])
+
+    def rows():  # noqa: ANN202 - a generator that fails as a full disk would
+        yield {"path": "b.png"}
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_csv(target, ["path"], rows())
+    assert target.read_bytes() == b"path\r\na.png\r\n" and sorted(tmp_path.iterdir()) == [target]

@@ -152,7 +152,7 @@ def _resolve_conflicts(data: DecodedData, *, drop: bool) -> DecodedData:
     example = " and ".join(f"{display_path(data.records[i].path)} ({labels[i]})" for i in first[:2])
     if not drop:
         raise BrainscanError(
-            f"{len(conflicts)} image(s) appear under two labels (the same file, or copies of one slice: {n} files), "
+            f"{len(conflicts)} slice(s) appear under two labels ({n} files: the same file, or copies of one slice), "
             f"e.g. {example}. Fix the labels, or pass --drop-conflicts to leave those {n} files out (listed in the "
             "run's skipped.csv); `brainscan audit` lists every duplicate set."
         )
