@@ -3,7 +3,7 @@ allocating more than a slice's worth of memory.
 
 The files are small real JPEG, PNG, DICOM and NIfTI files (the seeds) and hypothesis's variations of them: random
 bytes, truncations, mutated header bytes and absurd declared sizes. Each is read in a worker process that runs
-nothing else, so that a hang is cut off (a hard timeout besides hypothesis's deadline), a memory blow-up is measured
+nothing else, so that a hang is cut off (a hard timeout), a memory blow-up is measured
 (the worker's peak resident memory over one read) and bounded (an address-space limit), and a crash is seen.
 """
 
@@ -18,7 +18,6 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +37,12 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the worker's me
 # whole volume that a 2 MB .nii.gz declares took 7 GB.
 PEAK_MEMORY_MB = 1024
 ADDRESS_SPACE_HEADROOM = 2 << 30  # beyond it, allocations fail (MemoryError) instead of taking the machine's memory
-HANG_SECONDS = 30  # the hard guard; hypothesis's deadline is the per-example limit
+HANG_SECONDS = 30  # the hard guard against a read that never ends
 FUZZ = settings(
     max_examples=300,
-    deadline=timedelta(seconds=10),
+    # no per-example deadline: on a loaded 2-core CI machine a slow example is not a failure (it made this flaky);
+    # a hang is still cut off by the worker's hard HANG_SECONDS guard
+    deadline=None,
     derandomize=True,  # the same examples on every run: CI is deterministic
     database=None,
     print_blob=False,
