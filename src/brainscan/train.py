@@ -41,6 +41,7 @@ from .models import (
     get_spec,
     head_parameters,
     set_backbone_frozen,
+    weights_origin,
 )
 from .predict import Predictor
 from .progress import Progress, no_progress
@@ -254,11 +255,12 @@ def check_model_weights(config: RunConfig) -> None:
     spec = get_spec(config.model.name)
     if config.model.weights:
         check_weights(spec, config.model.weights)
-    elif spec.weights_enum is not None and not config.model.random_init:
+    elif spec.has_pretrained and not config.model.random_init:
         raise BrainscanError(
-            f"{spec.name} is an ImageNet architecture and no --weights were given: pass --weights FILE (a "
-            f"state_dict) or --weights DEFAULT (torchvision download), or --random-init to train it from random "
-            "weights (far less accurate on small data)."
+            f"{spec.name} is an ImageNet architecture and no --weights were given: pass --weights pretrained "
+            "(offline weights when installed, else a download), --weights FILE (a state_dict) or --weights DEFAULT "
+            "(torchvision download), or --random-init to train it from random weights (far less accurate on small "
+            "data)."
         )
 
 
@@ -437,6 +439,7 @@ def _history_row(
 
 
 def _payload(s: Session, epoch: int, *, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    origin = weights_origin(s.model)
     return checkpoint_payload(
         arch=s.spec.name,
         class_names=s.data.class_names,
@@ -444,6 +447,7 @@ def _payload(s: Session, epoch: int, *, resume: dict[str, Any] | None = None) ->
         config=s.config.to_dict(),
         protocol=s.data.protocol,
         pretrained=s.config.model.weights or "none",
+        weights_origin=origin.to_dict() if origin else None,
         model_state=s.model.state_dict(),
         epoch=epoch,
         resume=resume,
