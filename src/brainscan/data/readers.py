@@ -83,12 +83,17 @@ def require_regular_file(path: str | Path) -> os.stat_result:
     return info
 
 
-def max_pixels() -> int | None:
-    """The most pixels one slice may have: Pillow's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``.
+MAX_SLICE_PIXELS = 1 << 24
+"""The most pixels one slice may have (4096 × 4096, sixty times a 512 × 512 MRI slice): decoding one, with its
+float copies for rescaling and windowing, stays within a few hundred MB; at Pillow's own limit (89 megapixels) a
+DICOM frame took over 2 GB. Raise it (``brainscan.data.readers.MAX_SLICE_PIXELS``) only for files you trust."""
 
-    Read at each call, so raising that limit (for files you trust) raises it for every format; None: no limit.
-    """
-    return Image.MAX_IMAGE_PIXELS
+
+def max_pixels() -> int | None:
+    """The most pixels one slice may have: :data:`MAX_SLICE_PIXELS`, or Pillow's decompression-bomb limit
+    ``PIL.Image.MAX_IMAGE_PIXELS`` where that is lower (None there: no Pillow limit). Read at each call."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return MAX_SLICE_PIXELS if pillow is None else min(MAX_SLICE_PIXELS, pillow)
 
 
 def check_slice_size(path: str | Path, shape: tuple[int, ...], what: str = "slice") -> None:
@@ -105,7 +110,7 @@ def check_slice_size(path: str | Path, shape: tuple[int, ...], what: str = "slic
         raise ImageReadError(
             path,
             f"the {dims} {what} has {pixels:,} pixels, above the limit of {cap:,} "
-            "(PIL.Image.MAX_IMAGE_PIXELS; raise it only for files you trust)",
+            "(brainscan.data.readers.MAX_SLICE_PIXELS; raise it only for files you trust)",
         )
 
 
@@ -251,6 +256,19 @@ class DicomReader(ImageReader):
         return _check_2d(path, array)
 
 
+def _check_declared_length(path: Path, ds: Any) -> None:
+    """Pixel data whose header declares more bytes than the file holds is corrupt; reading it would allocate the
+    declared size first (gigabytes, from a mutated length field) before finding the file short."""
+    size = os.stat(path).st_size
+    for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if key in ds:
+            length = getattr(ds.get_item(key), "length", None)
+            if isinstance(length, int) and length != 0xFFFFFFFF and length > size:
+                raise ImageReadError(
+                    path, f"the header declares {length:,} bytes of pixel data but the file has {size:,}: truncated?"
+                )
+
+
 def _middle_frame(path: Path, ds: Any) -> np.ndarray:
     """The middle frame of a DICOM dataset's pixel data (grey: colour samples averaged), checked before decoding."""
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -263,6 +281,7 @@ def _middle_frame(path: Path, ds: Any) -> np.ndarray:
     if samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
         raise ImageReadError(path, f"unsupported DICOM pixel layout ({samples} samples of {bits} bits allocated)")
     frames = max(1, int(ds.get("NumberOfFrames") or 1))
+    _check_declared_length(path, ds)
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     try:
         from pydicom.pixels import get_decoder, pixel_array
