@@ -576,7 +576,6 @@ def predict(
     """Classify images with a trained checkpoint. Unreadable files are listed and skipped (exit code 1)."""
     from rich.text import Text
 
-    from .errors import display_path
     from .predict import Predictor, Skipped, discover_images, predict_files
 
     setup_logging(quiet=quiet)
@@ -634,7 +633,6 @@ def explain(
     """Class activation maps (Grad-CAM family) over each slice as PNG overlays; unreadable files listed, skipped."""
     from rich.text import Text
 
-    from .errors import display_path
     from .explain import check_method, explain_files
     from .predict import Predictor, Skipped, discover_images
 
@@ -661,7 +659,6 @@ def _exit_if_skipped(skipped: list[Any], total: int) -> None:
     """List the inputs that could not be read, each with its reason, and exit with code 1."""
     from rich.text import Text
 
-    from .errors import display_path
 
     if skipped:
         heading = Text(f"Skipped {len(skipped)} of {total} input(s)", style="bold red") + " that could not be read:"
@@ -683,7 +680,6 @@ def export(
     """Export a checkpoint; outputs are checked against PyTorch (max abs difference <= 1e-4) on its test images."""
     from rich.text import Text
 
-    from .errors import display_path
     from .export import export_model
 
     setup_logging(quiet=quiet)
