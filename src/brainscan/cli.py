@@ -659,7 +659,6 @@ def _exit_if_skipped(skipped: list[Any], total: int) -> None:
     """List the inputs that could not be read, each with its reason, and exit with code 1."""
     from rich.text import Text
 
-
     if skipped:
         heading = Text(f"Skipped {len(skipped)} of {total} input(s)", style="bold red") + " that could not be read:"
         err_console.print(heading, highlight=False, soft_wrap=True)
