@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "brainscan"
-SCREEN = {"brainscan.cli", "brainscan.console", "rich", "typer", "click"}
-SCREEN_MODULES = {"brainscan.cli", "brainscan.console", "brainscan.__main__"}
+SCREEN = {"brainscan.cli", "brainscan.console", "brainscan.predict_output", "rich", "typer", "click"}
+SCREEN_MODULES = {"brainscan.cli", "brainscan.console", "brainscan.predict_output", "brainscan.__main__"}
 
 
 def module_name(path: Path) -> str:

@@ -227,8 +227,10 @@ def test_unreadable_files_are_listed_with_their_reason_and_the_rest_go_on(
     result = runner.invoke(app, [command, "--checkpoint", str(trained_run / "best.pt"), str(bad), good, *extra])
     assert result.exit_code == 1
     assert "Skipped 1 of 2 input(s)" in result.stderr and f"{bad}: not an image" in result.stderr
-    if command == "predict":
-        assert json.loads(result.stdout.strip())["path"] == good
+    if command == "predict":  # one JSON line per input, the unreadable one with its reason
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [r["path"] for r in records] == [str(bad), good]
+        assert "not an image" in records[0]["error"] and "label" in records[1]
     else:
         assert [p.name for p in (tmp_path / "cams").iterdir()] == [f"{Path(good).stem}-fullgrad.png"]
 

@@ -5,6 +5,7 @@ copies of the model's train/val images (even mirrored ones) are left out and cou
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,8 +97,13 @@ def test_exported_models_are_evaluated_externally_too(yes_no_run: Path, four_cla
     assert exported["protocol"]["copies_of_training_images"]["excluded"] == PLANTED
     assert exported["protocol"]["trained_on"] == checkpoint["protocol"]["trained_on"]
     assert exported["roc_auc"] == pytest.approx(checkpoint["roc_auc"], abs=1e-4)
+    # beside its unchanged checkpoint, an export is scored on the run's own test split, into a file of its own
+    internal = evaluate(onnx)
+    assert internal["protocol"]["model_file"] == "best.onnx" and (onnx.parent / "evaluate-test-onnx.json").is_file()
+    assert internal["accuracy"] == pytest.approx(evaluate(yes_no_run, out=onnx.parent / "pt.json")["accuracy"])
+    alone = shutil.copy(onnx, onnx.parent.parent / "alone.onnx")  # away from its checkpoint: no split to score
     with pytest.raises(BrainscanError, match="pass --data"):
-        evaluate(onnx)
+        evaluate(alone)
 
 
 def test_the_training_data_itself_is_no_external_evaluation(yes_no_run: Path) -> None:

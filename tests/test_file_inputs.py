@@ -125,11 +125,10 @@ def test_predict_prints_file_names_with_markup_or_invalid_utf8_and_keeps_every_r
     result = CliRunner().invoke(app, [*args, *(["--json"] if as_json else [])])
     assert result.exit_code == 1, result.output  # one unreadable input, the others predicted
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    if as_json:
-        assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [
-            "x[/bold].png",
-            "bad\\xff\\xfe.png",
-        ]
+    if as_json:  # one line per input, in input order; the unreadable one carries its error
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [r["path"] for r in records] == ["x[/bold].png", "bad\\xff\\xfe.png", "broken\\xff.png"]
+        assert "label" in records[0] and "not an image" in records[2]["error"]
     else:
         assert "x[/bold].png" in result.stdout and "bad\\xff\\xfe.png" in result.stdout
     assert "Skipped 1 of 3 input(s)" in result.stderr and "broken\\xff.png: not an image" in result.stderr

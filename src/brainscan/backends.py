@@ -28,6 +28,7 @@ from .models import replace_module
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 METADATA_KEY = "brainscan"  # an ONNX model's metadata_props entry holding the export metadata (JSON)
 TORCHSCRIPT_METADATA = "brainscan.json"  # the same, as a TorchScript extra file
+PARITY_TOLERANCE = 1e-4  # max abs logit difference an ONNX/TorchScript graph may have from the eager model
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -98,6 +98,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BrainscanError(f"{display_path(path)}: no such checkpoint.")
+    if path.name.lower().endswith((".onnx", ".torchscript.pt")):
+        raise BrainscanError(
+            f"{display_path(path)} is an exported model, not a checkpoint: this needs the best.pt it was exported from."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

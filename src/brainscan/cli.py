@@ -58,7 +58,13 @@ err_console = Console(stderr=True, markup=False)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter; results and warnings only.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="A brainscan checkpoint (best.pt).")]
+Checkpoint = Annotated[
+    Path,
+    typer.Option(
+        "--checkpoint", "-c", help="A brainscan checkpoint (best.pt) or a model exported from one (best.onnx)."
+    ),
+]
+SourceCheckpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="A brainscan checkpoint (best.pt).")]
 Data = Annotated[
     Path | None,
     typer.Option(help="Image folder (class folders, split folders, an index's base) or an index CSV.", metavar="DIR"),
@@ -71,6 +77,9 @@ GroupColumn = Annotated[
 ]
 Images = Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/DICOM/NIfTI) or folders of them.")]
 Tta = Annotated[bool, typer.Option(help="Average the slice and its left-right mirror.")]
+Recursive = Annotated[
+    bool, typer.Option("--recursive/--no-recursive", "-r", help="Search the folders given in their subfolders too.")
+]
 Resamples = Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")]
 ValFraction = Annotated[float, typer.Option(help="Share of the images for validation, when the data bring no split.")]
 TestFraction = Annotated[float, typer.Option(help="Share of the images for the test, when the data bring no split.")]
@@ -551,13 +560,25 @@ def predict(
     checkpoint: Checkpoint,
     tta: Tta = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="One JSON object per input: path, label, probabilities.")
+        bool, typer.Option("--json", help="One JSON object per input as it is classified (path, label, ...).")
     ] = False,
+    csv_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Also write the results to this CSV file (path relative to the folder given, label, probabilities, "
+            "decision, error); an existing file is kept unless --overwrite.",
+            metavar="FILE",
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --csv file.")] = False,
+    recursive: Recursive = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     backend: Annotated[
         str,
         typer.Option(
-            help="auto (ONNX Runtime when an up-to-date best.onnx sits beside it), torch, onnxruntime, torchscript."
+            help="auto (ONNX Runtime: the up-to-date best.onnx beside the checkpoint, else an in-memory graph for "
+            "many files), torch, onnxruntime, torchscript."
         ),
     ] = "auto",
     cam: Annotated[
@@ -573,13 +594,17 @@ def predict(
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Classify images with a trained checkpoint. Unreadable files are listed and skipped (exit code 1)."""
-    from rich.text import Text
-
-    from .predict import Predictor, Skipped, discover_images, predict_files
+    """Classify images with a checkpoint or an exported model, printing each result as it comes. Unreadable files
+    are named with their reason (on stderr and in the CSV) and skipped; the exit code is then 1."""
+    from .predict import Skipped, discover_images, input_names, predict_files
+    from .predict_output import ResultWriter, check_csv_target
 
     setup_logging(quiet=quiet)
-    files = discover_images(paths)
+    if batch_size < 1:
+        raise BrainscanError(f"--batch-size must be at least 1, not {batch_size}.")
+    files = discover_images(paths, recursive=recursive)
+    check_csv_target(csv_out, overwrite=overwrite, inputs=files)
+    shown, relative = input_names(files, paths)
     overlays: list[Path | None] = [None] * len(files)
     if cam is not None:  # pytorch-grad-cam is imported only when maps are asked for
         from .explain import check_method, explain, overlay_paths, save_overlay
@@ -587,31 +612,46 @@ def predict(
         cam_method = check_method(cam_method)
         overlays = [*overlay_paths(files, cam, method=cam_method)]
     # activation maps need the PyTorch graph; its outputs match the exported model's within 1e-4
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch" if cam else backend)
-    # user-supplied text (paths, class names) goes into the table as Text: Rich would read "[...]" as markup
-    table = Table()
-    for header in ["path", "label", "confidence", *predictor.class_names, *(["overlay"] if cam else [])]:
-        table.add_column(Text(header))
+    predictor = _load_predictor(checkpoint, device=device, backend=backend, need_torch=cam is not None)
+    if backend == "auto" and cam is None and len(files) > batch_size:
+        predictor.accelerate()  # an ONNX Runtime graph in memory when no up-to-date export sits beside it
+    writer = ResultWriter(
+        predictor.class_names, out_console, err_console, as_json=as_json, csv_path=csv_out, overwrite=overwrite,
+        width=max(map(len, shown)), with_overlay=cam is not None,
+    )  # fmt: skip
     skipped = []
-    results = predict_files(predictor, files, tta=tta, batch_size=batch_size)
-    for result, overlay in zip(results, overlays, strict=True):
-        if isinstance(result, Skipped):
-            skipped.append(result)
-            continue
-        if overlay is not None:
-            save_overlay(explain(predictor, str(result.path), method=cam_method, target=result.label), overlay)
-        record = result.to_dict() | {"path": display_path(result.path or "")}
-        if overlay:
-            record |= {"cam": display_path(overlay), "cam_method": cam_method}
-        if as_json:
-            print(json.dumps(record), flush=True)
-        else:
-            probabilities = (f"{p:.3f}" for p in result.probabilities.values())
-            table.add_row(Text(record["path"]), Text(result.label), f"{result.confidence:.3f}", *probabilities,
-                          *([Text(record["cam"])] if overlay else []))  # fmt: skip
-    if not as_json:
-        out_console.print(table)
-    _exit_if_skipped(skipped, len(files))
+    with writer, screen_progress(quiet or not err_console.is_terminal)("Predicting", len(files)) as advance:
+        results = predict_files(predictor, files, tta=tta, batch_size=batch_size)
+        for result, name, rel, overlay in zip(results, shown, relative, overlays, strict=True):
+            advance(1)
+            if isinstance(result, Skipped):
+                skipped.append(result)
+                writer.skipped(name, rel, result.reason)
+                continue
+            if overlay is not None:
+                save_overlay(explain(predictor, str(result.path), method=cam_method, target=result.label), overlay)
+            writer.result(name, rel, result, overlay=display_path(overlay) if overlay else None, cam_method=cam_method)
+    if csv_out is not None and not quiet:
+        err_console.print(Text(f"Results written to {display_path(csv_out)}"), highlight=False, soft_wrap=True)
+    _exit_if_skipped(skipped, len(files), listed=True)
+
+
+def _load_predictor(checkpoint: Path, *, device: str, backend: str, need_torch: bool = False) -> Any:
+    """The predictor for ``--checkpoint``: a checkpoint or an exported model; with ``need_torch`` (activation
+    maps) the PyTorch model, from the checkpoint an export was made from when it sits beside it unchanged."""
+    from .predict import Predictor, export_format, source_checkpoint
+
+    if not need_torch:
+        return Predictor.load(checkpoint, backend=backend, device=device)
+    if export_format(checkpoint) is not None:
+        source = source_checkpoint(checkpoint)
+        if source is None:
+            raise BrainscanError(
+                f"{display_path(checkpoint)}: activation maps need the PyTorch checkpoint it was exported from, and "
+                "none sits beside it unchanged; pass --checkpoint best.pt."
+            )
+        checkpoint = source
+    return Predictor.load(checkpoint, backend="torch", device=device)
 
 
 @app.command()
@@ -627,6 +667,7 @@ def explain(
         typer.Option(help="fullgrad (default), gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ..."),
     ] = None,
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted class).")] = None,
+    recursive: Recursive = False,
     device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
@@ -634,12 +675,12 @@ def explain(
     from rich.text import Text
 
     from .explain import check_method, explain_files
-    from .predict import Predictor, Skipped, discover_images
+    from .predict import Skipped, discover_images
 
     setup_logging(quiet=quiet)
     method = check_method(method)
-    files = discover_images(paths)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    files = discover_images(paths, recursive=recursive)
+    predictor = _load_predictor(checkpoint, device=device, backend="torch", need_torch=True)
     table = Table("input", "label", "probability", "explained", "overlay", title=Text(f"{method} maps"))
     skipped = []
     for done in explain_files(predictor, files, out, method=method, target=target):
@@ -655,14 +696,13 @@ def explain(
     _exit_if_skipped(skipped, len(files))
 
 
-def _exit_if_skipped(skipped: list[Any], total: int) -> None:
-    """List the inputs that could not be read, each with its reason, and exit with code 1."""
-    from rich.text import Text
-
+def _exit_if_skipped(skipped: list[Any], total: int, *, listed: bool = False) -> None:
+    """List the inputs that could not be read, each with its reason (only counted when ``listed`` already named
+    them as they came), and exit with code 1."""
     if skipped:
-        heading = Text(f"Skipped {len(skipped)} of {total} input(s)", style="bold red") + " that could not be read:"
-        err_console.print(heading, highlight=False, soft_wrap=True)
-        for s in skipped:
+        heading = Text(f"Skipped {len(skipped)} of {total} input(s)", style="bold red") + " that could not be read"
+        err_console.print(heading + ("." if listed else ":"), highlight=False, soft_wrap=True)
+        for s in [] if listed else skipped:
             line = f"  {display_path(s.path)}: {display_path(s.reason)}"
             err_console.print(line, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
@@ -671,7 +711,7 @@ def _exit_if_skipped(skipped: list[Any], total: int) -> None:
 @app.command()
 @friendly_errors
 def export(
-    checkpoint: Checkpoint,
+    checkpoint: SourceCheckpoint,
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default: beside the checkpoint).")] = None,
     quiet: Quiet = False,
@@ -692,6 +732,30 @@ def export(
         ),
         soft_wrap=True,
     )
+
+
+@app.command()
+@friendly_errors
+def serve(
+    checkpoint: Checkpoint,
+    host: Annotated[
+        str, typer.Option(help="Address to bind: 127.0.0.1 answers this machine only; 0.0.0.0 the whole network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, in MB (larger: HTTP 413).")] = 20.0,
+    cam_method: Annotated[
+        str | None, typer.Option(help="CAM method of the activation maps (default: the server's; see `explain`).")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Serve the model over HTTP: a web page at /, the REST API under /v1 (its OpenAPI schema at /docs)."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    setup_logging(quiet=quiet)
+    options = {"cam_method": cam_method} if cam_method else {}
+    config = ServeConfig(checkpoint=checkpoint, host=host, port=port, max_upload_mb=max_upload_mb, **options)
+    run_server(config)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends import load_exported
 from .checkpoint import RUN_FILES, data_root, load_checkpoint
 from .config import RunConfig
 from .data.ingest import file_sha1, load_images, scan_dataset
@@ -35,7 +36,7 @@ from .metrics import (
     fit_temperature,
     operating_point,
 )
-from .predict import Predictor, predict_split, softmax
+from .predict import Predictor, export_format, predict_split, softmax, source_checkpoint
 from .progress import Progress, no_progress
 
 logger = logging.getLogger(__name__)
@@ -286,19 +287,22 @@ def evaluate(
     checkpoint = Path(checkpoint)
     trained_on = training_root(checkpoint)
     external = _is_external(checkpoint, data, index, trained_on)
+    exported = export_format(checkpoint) is not None
+    # a checkpoint is scored with PyTorch (the reference); an export with its own runtime, on the same images
+    predictor = Predictor.load(checkpoint, backend="auto" if exported else "torch", device=device)
     if external:
-        if checkpoint.suffix == ".onnx":
-            predictor = Predictor.from_exported(checkpoint)
-        else:
-            predictor = Predictor.from_checkpoint(checkpoint, device=device)
         metrics = evaluate_external(
             predictor, checkpoint, data=data, index=index, split=split, trained_on=trained_on, tta=tta,
             progress=progress,
         )  # fmt: skip
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, device=device)
-        test = load_split(checkpoint, split=split, data=data, index=index, group_column=group_column, progress=progress)
+        run_checkpoint = source_checkpoint(checkpoint) if exported else checkpoint
+        test = load_split(
+            run_checkpoint, split=split, data=data, index=index, group_column=group_column, progress=progress
+        )  # type: ignore[arg-type]
         test.protocol["tta"] = tta
+        if exported:
+            test.protocol["model_file"] = checkpoint.name
         metrics = score_split(predictor, test, tta=tta, progress=progress).metrics
     target = Path(out) if out else _metrics_path(checkpoint, split, data, index, external=external)
     if target.name in RUN_FILES or target.suffix in (".pt", ".onnx"):
@@ -311,15 +315,17 @@ def evaluate(
 def training_root(model_file: str | Path) -> Path | None:
     """The data folder a checkpoint (or an exported model, from its metadata) was trained on, when recorded."""
     model_file = Path(model_file)
-    if model_file.suffix == ".onnx":
-        meta = model_file.with_suffix(".json")
-        trained_on = json.loads(meta.read_text()).get("trained_on") if meta.is_file() else None
+    fmt = export_format(model_file)
+    if fmt is not None:
+        trained_on = (load_exported(model_file, fmt)[1] or {}).get("trained_on")
         return Path(trained_on) if trained_on else None
     return data_root(load_checkpoint(model_file))
 
 
 def is_external(model_file: str | Path, data: str | Path | None, index: str | Path | None = None) -> bool:
-    """Whether ``data``/``index`` name a dataset other than the model's training data (an exported model: any)."""
+    """Whether ``data``/``index`` name a dataset other than the model's training data. An exported model is
+    compared through the checkpoint it came from when that sits beside it unchanged; otherwise any data is
+    external to it."""
     given = data is not None or index is not None
     return _is_external(model_file, data, index, training_root(model_file) if given else None)
 
@@ -327,10 +333,16 @@ def is_external(model_file: str | Path, data: str | Path | None, index: str | Pa
 def _is_external(
     model_file: str | Path, data: str | Path | None, index: str | Path | None, trained_on: Path | None
 ) -> bool:
-    if Path(model_file).suffix == ".onnx":
-        if data is None and index is None:
-            raise BrainscanError(f"{model_file}: an exported model is evaluated on a dataset: pass --data DIR.")
-        return True
+    if export_format(model_file) is not None:
+        source = source_checkpoint(model_file)
+        if source is None:
+            if data is None and index is None:
+                raise BrainscanError(
+                    f"{display_path(model_file)}: an exported model without its checkpoint beside it is evaluated on "
+                    "a dataset: pass --data DIR."
+                )
+            return True
+        model_file = source
     if data is None and index is None:
         return False
     if index is not None:
@@ -349,10 +361,12 @@ def _metrics_path(
     checkpoint: str | Path, split: str, data: str | Path | None, index: str | Path | None, *, external: bool
 ) -> Path:
     checkpoint = Path(checkpoint)
+    fmt = export_format(checkpoint)
+    tag = f"-{fmt}" if fmt else ""  # an export's scores sit beside, never over, its checkpoint's
     if external:
         name = Path(data if data is not None else index).resolve().name  # type: ignore[arg-type]
-        return checkpoint.parent / f"external-{name}-{split}.json"
-    return checkpoint.parent / f"evaluate-{split}.json"
+        return checkpoint.parent / f"external-{name}-{split}{tag}.json"
+    return checkpoint.parent / f"evaluate-{split}{tag}.json"
 
 
 @dataclass

