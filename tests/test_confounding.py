@@ -17,6 +17,7 @@ from brainscan.data.audit import audit_duplicates
 from brainscan.data.confounding import (
     CONFOUND_THRESHOLD,
     FEATURES,
+    ClassFigure,
     ConfoundReport,
     confound_check,
     confound_warning,
@@ -197,3 +198,11 @@ def test_the_four_class_sets_notumor_is_flagged_and_figshare_is_not() -> None:
     )
     assert report.checked and not report.flagged, report.summary()
     assert max(p.balanced_accuracy for p in report.per_pair) < CONFOUND_THRESHOLD - 0.05
+
+
+def test_a_class_flagged_against_the_rest_only_names_its_figure_in_the_headline() -> None:
+    flagged = ClassFigure("pituitary", 12, recall=0.9, balanced_accuracy=0.91, flagged=True)
+    other = ClassFigure("glioma", 12, recall=0.5, balanced_accuracy=0.6, flagged=False)
+    report = ConfoundReport(("glioma", "pituitary"), 24, 0.85, 5, 0.66, 0.5, per_class=(flagged, other))
+    assert not report.flagged_pairs and report.flagged_classes == ("pituitary",)
+    assert "balanced accuracy pituitary vs rest 0.91;" in report.headline()

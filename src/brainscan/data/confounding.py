@@ -396,9 +396,12 @@ class ConfoundReport:
                 f"Label–source confounding: not flagged (balanced accuracy {self.balanced_accuracy:.2f} from file "
                 f"properties, chance {self.chance:.2f}; best class pair {best:.2f} < {self.threshold:.2f})."
             )
-        pairs = sorted(self.flagged_pairs, key=lambda p: -p.balanced_accuracy)
-        strongest = ", ".join(f"{p.name} {p.balanced_accuracy:.2f}" for p in pairs[:4])
-        more = f" and {len(pairs) - 4} more" if len(pairs) > 4 else ""
+        # the flagged classes (one vs rest) and class pairs, strongest first
+        evidence = [(f"{c.label} vs rest", c.balanced_accuracy) for c in self.per_class if c.flagged]
+        evidence += [(p.name, p.balanced_accuracy) for p in self.flagged_pairs]
+        evidence.sort(key=lambda e: -e[1])
+        strongest = ", ".join(f"{name} {value:.2f}" for name, value in evidence[:4])
+        more = f" and {len(evidence) - 4} more" if len(evidence) > 4 else ""
         by = _telling(self.top_features)
         return (
             f"Label–source confounding: FLAGGED — {_flagged_what(self)} told apart by file properties that carry no "
