@@ -742,10 +742,11 @@ def serve(
         str, typer.Option(help="Address to bind: 127.0.0.1 answers this machine only; 0.0.0.0 the whole network.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, in MB (larger: HTTP 413).")] = 20.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, in MiB (larger: HTTP 413).")] = 20.0,
     cam_method: Annotated[
-        str | None, typer.Option(help="CAM method of the activation maps (default: the server's; see `explain`).")
+        str | None, typer.Option(help="CAM method of the activation maps (default fullgrad; see `explain`).")
     ] = None,
+    device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Serve the model over HTTP: a web page at /, the REST API under /v1 (its OpenAPI schema at /docs)."""
@@ -754,7 +755,9 @@ def serve(
 
     setup_logging(quiet=quiet)
     options = {"cam_method": cam_method} if cam_method else {}
-    config = ServeConfig(checkpoint=checkpoint, host=host, port=port, max_upload_mb=max_upload_mb, **options)
+    config = ServeConfig(
+        checkpoint=checkpoint, host=host, port=port, max_upload_mb=max_upload_mb, device=device, **options
+    )
     run_server(config)
 
 
