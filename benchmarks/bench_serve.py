@@ -3,7 +3,8 @@
     python benchmarks/bench_serve.py [--clients 200] [--requests 2000] [--max-seconds 120] [--bad-share 0.05]
 
 Starts ``brainscan serve`` (a MobileNetV2 at 224 px with random weights, exported to ONNX: speed does not depend on
-the weights) as its own process, then from this process sends ``--requests`` uploads of real slices of the shared
+the weights) as its own process, warms it up with one request per client (RSS is reported at start and after
+it), then from this process sends ``--requests`` uploads of real slices of the shared
 4-class set through ``--clients`` concurrent connections, twice: all good uploads, then with ``--bad-share`` of
 them bad (a text file named .png, a truncated PNG, an upload over the size limit). Each phase stops by itself
 after its requests or ``--max-seconds``. Prints per phase: throughput, p50/p95/p99 latency, errors (any
@@ -173,7 +174,9 @@ def main() -> None:
                 raise SystemExit(f"server exited: {(folder / 'server.log').read_text()[-2000:]}")
         else:
             raise SystemExit("server did not answer /v1/health within 60 s")
-        asyncio.run(phase(url, clean[:50], 10, 30))  # warm-up, not reported
+        results["rss_at_start_mb"] = round(rss_mb(server.pid), 1)
+        asyncio.run(phase(url, clean[: args.clients], args.clients, args.max_seconds))  # warm-up, not reported
+        results["rss_after_warm_up_mb"] = round(rss_mb(server.pid), 1)
         for name, plan in (("clean", clean), ("with_bad_uploads", mixed)):
             before = rss_mb(server.pid)
             figures = asyncio.run(phase(url, plan, args.clients, args.max_seconds))

@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from brainscan.cli import run_config
 from brainscan.config import RECIPES
-from brainscan.data.transforms import BatchAugment, Preprocess, prepare_slice, standardise_intensity
+from brainscan.data.transforms import BatchAugment, Preprocess, percentile, prepare_slice, standardise_intensity
 from brainscan.errors import BrainscanError
 
 from .conftest import synthetic_slice
@@ -64,3 +67,12 @@ def test_a_recipe_sets_its_fields_and_typed_options_win() -> None:
     assert RunConfig(DataConfig(root="d")).with_recipe("fast") == RunConfig(DataConfig(root="d"))
     with pytest.raises(BrainscanError, match="Unknown recipe 'quick'"):
         run_config({"data": "d"}, recipe="quick")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40))),
+    st.sampled_from([0.0, 1.0, 50.0, 99.0, 99.5, 100.0]),
+)
+def test_the_histogram_percentile_of_a_slice_is_numpy_s_to_the_bit(gray: np.ndarray, q: float) -> None:
+    assert percentile(gray, q) == float(np.percentile(gray, q))  # the background crop must not move by a pixel

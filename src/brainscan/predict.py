@@ -359,7 +359,8 @@ class Predictor:
         """Calibrated class probabilities (N×C) for prepared slices."""
         return softmax(self.raw_logits(slices, tta=tta, batch_size=batch_size), self.temperature).astype(np.float32)
 
-    def _result(self, path: str | None, probs: np.ndarray) -> Prediction:
+    def result(self, path: str | None, probs: np.ndarray) -> Prediction:
+        """The :class:`Prediction` for one row of calibrated probabilities (:meth:`predict_proba`)."""
         index = int(np.argmax(probs))
         probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
         decision = None
@@ -372,7 +373,7 @@ class Predictor:
     def predict(self, image: ImageLike, *, tta: bool = False) -> Prediction:
         """Classify one slice given as a path (any supported format), a PIL image or a numpy array."""
         probs = self.predict_proba(self.prepare(image)[None], tta=tta)[0]
-        return self._result(str(image) if isinstance(image, str | Path) else None, probs)
+        return self.result(str(image) if isinstance(image, str | Path) else None, probs)
 
     def predict_many(
         self, images: Iterable[ImageLike], *, tta: bool = False, batch_size: int = 32
@@ -595,7 +596,7 @@ def _predict_pending(
     slices = [item for _, item in pending if isinstance(item, np.ndarray)]
     probs = iter(predictor.predict_proba(np.stack(slices), tta=tta, batch_size=len(slices)) if slices else ())
     for path, item in pending:
-        yield item if isinstance(item, Skipped) else predictor._result(path, next(probs))
+        yield item if isinstance(item, Skipped) else predictor.result(path, next(probs))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -3,6 +3,7 @@ train-only batch augmentation and model-input normalisation."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -50,6 +51,21 @@ class Preprocess:
         )
 
 
+def percentile(gray: np.ndarray, q: float) -> float:
+    """``np.percentile(gray, q)`` (its default linear method), bit for bit; for ``uint8`` slices from a histogram
+    instead of a partial sort: a tenth of the time on a 512² slice, where it was the largest cost of preparing one.
+    """
+    if gray.dtype != np.uint8 or gray.size == 0:
+        return float(np.percentile(gray, q))
+    ranks = np.bincount(gray.ravel(), minlength=256).cumsum()  # ranks[v]: how many pixels are <= v
+    virtual = (gray.size - 1) * (q / 100)
+    below = math.floor(virtual)
+    a = float(np.searchsorted(ranks, below, side="right"))  # the value at sorted position `below`
+    b = float(np.searchsorted(ranks, min(below + 1, gray.size - 1), side="right"))
+    t = virtual - below
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp, so the result is identical
+
+
 def content_box(
     gray: np.ndarray, *, threshold_fraction: float = 0.1, margin: float = 0.02
 ) -> tuple[int, int, int, int] | None:
@@ -57,7 +73,7 @@ def content_box(
 
     None when the content fills almost nothing (blank or odd files), which are then not cropped.
     """
-    level = float(np.percentile(gray, 99)) * threshold_fraction
+    level = percentile(gray, 99) * threshold_fraction
     mask = gray > max(level, 5.0)
     if mask.mean() < 0.02:
         return None
@@ -179,7 +195,7 @@ def standardise_intensity(square: np.ndarray) -> np.ndarray:
     (5% of the 99th percentile) map to 0..255, the background stays black. Scanners, windowing and JPEG exports
     give one anatomy different grey levels; this removes a per-image level and contrast that says where an image
     came from rather than what it shows. Blank slices are returned unchanged."""
-    head = square[square > max(0.05 * float(np.percentile(square, 99)), 2.0)]
+    head = square[square > max(0.05 * percentile(square, 99), 2.0)]
     if head.size < 16:
         return np.ascontiguousarray(square)
     low, high = np.percentile(head, HEAD_WINDOW)

@@ -104,8 +104,13 @@ def create_app(config: ServeConfig) -> FastAPI:
             yield
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:
+            # the rest of the body is never read, so the connection cannot carry another request: say so, or a
+            # client's pool may reuse it and fail its next request
+            headers["Connection"] = "close"
         detail = upload_too_large(config.max_upload_bytes) if exc.status_code == 413 else str(exc.detail)
-        return JSONResponse({"detail": detail}, exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse({"detail": detail}, exc.status_code, headers=headers or None)
 
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{_where(error.get('loc', ()))}: {error.get('msg')}" for error in exc.errors())
