@@ -4,6 +4,8 @@ that never draws (only the CLI imports the console, Rich or Typer), and predicti
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,22 @@ def test_the_rules_see_a_circle_when_there_is_one(tmp_path: Path) -> None:
     )
     assert imports_of("brainscan.a", a, {"brainscan.a", "brainscan.b", "brainscan.c"}) == {"brainscan.b", "typing"}
     assert "brainscan.a" in closure({"brainscan.a": {"brainscan.b"}, "brainscan.b": {"brainscan.a"}}, "brainscan.a")
+
+
+def test_the_package_face_keeps_its_functions_after_their_modules_are_imported() -> None:
+    import importlib
+
+    for module in ("brainscan.evaluate", "brainscan.train"):  # binds each to the package under its function's name
+        importlib.import_module(module)
+    from brainscan import evaluate, train
+
+    assert callable(train) and train.__module__ == "brainscan.train"
+    assert callable(evaluate) and evaluate.__module__ == "brainscan.evaluate"
+
+
+def test_prediction_starts_without_training_s_libraries() -> None:
+    """`brainscan predict` and `serve` load neither scikit-learn, matplotlib nor torchvision (seconds of start-up)."""
+    heavy = "{'sklearn', 'matplotlib', 'torchvision'}"
+    code = f"import sys, brainscan.cli, brainscan.predict; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -7,6 +7,8 @@ without importing what training and evaluation need (scikit-learn, matplotlib).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .about import DISCLAIMER, __version__
@@ -51,6 +53,19 @@ __all__ = [
     "list_models",
     "train",
 ]
+
+
+class _Face(types.ModuleType):
+    """Importing the submodule ``brainscan.train`` (or ``brainscan.evaluate``) binds it to the package under the
+    name of the public function it defines; keep the function there, as an eager import would have."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _WHERE.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face
 
 
 def __getattr__(name: str) -> Any:
