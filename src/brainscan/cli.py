@@ -30,6 +30,7 @@ from .config import (
     BALANCE,
     MONITORS,
     OPTIMIZERS,
+    PRECISIONS,
     RECIPES,
     SCHEDULES,
     DataConfig,
@@ -143,6 +144,13 @@ NoFeatureCache = Annotated[
 Patience = Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")]
 Monitor = Annotated[str, typer.Option(help="Selects best.pt: " + ", ".join(MONITORS) + ".")]
 Balance = Annotated[str, typer.Option(help="Class imbalance: " + ", ".join(BALANCE) + ".")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="Training passes: auto (bf16 autocast on CUDA, fp16 with a gradient scaler where bf16 is missing; fp32 "
+        "on a CPU), bf16, fp16 (CUDA only), fp32."
+    ),
+]
 TargetSensitivity = Annotated[
     float | None, typer.Option(help="Tumour threshold reaching this val sensitivity (default: Youden's J).")
 ]
@@ -235,7 +243,7 @@ FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
     **{name: ("train", name, _as_is) for name in
        ("epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "optimizer", "schedule", "freeze_epochs",
         "label_smoothing", "low_res", "full_res_epochs", "patience", "monitor", "balance", "target_sensitivity",
-        "cpu_pass_pixels", "seed", "device")},
+        "cpu_pass_pixels", "seed", "device", "precision")},
 }  # fmt: skip
 # Config messages begin with the field they are about ("epochs must be at least 1."); the user typed a flag.
 FLAG_PHRASES = {field: "--" + name.replace("_", "-") for name, (_, field, _) in FIELDS.items()} | {
@@ -287,6 +295,7 @@ def run_config(
         ("schedule", tree["train"].get("schedule", T.schedule), SCHEDULES),
         ("monitor", tree["train"].get("monitor", T.monitor), MONITORS),
         ("balance mode", tree["train"].get("balance", T.balance), BALANCE),
+        ("precision", tree["train"].get("precision", T.precision), PRECISIONS),
     ]:
         if value not in choices:
             raise unknown_choice(what, value, choices)
@@ -419,24 +428,51 @@ def train(
     strict: Strict = False,
     drop_conflicts: DropConflicts = False,
     device: Device = T.device,
+    precision: Precision = T.precision,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last.pt (its config.yaml supplies --data).")
     ] = False,
     overwrite: Overwrite = False,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            help="Also track the run in tensorboard or mlflow (pip install 'brainscan[track]'): config, epochs, "
+            "test metrics and protocol, plots. Off by default; no part of the run's identity.",
+            metavar="TRACKER",
+        ),
+    ] = None,
+    log_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Where --log writes. tensorboard: a log folder (the run in <uri>/<experiment>/<out name>); mlflow: "
+            "a tracking URI (http://..., sqlite:///...) or a folder for an SQLite store. Default: inside --out.",
+            metavar="URI",
+        ),
+    ] = None,
+    log_experiment: Annotated[
+        str | None, typer.Option(help="--log's experiment name (default: the data folder's name).", metavar="NAME")
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
+    from .distributed import from_environment
+    from .tracking import TrackingConfig, track_training
     from .train import train as run_train
 
     if resume and overwrite:
         raise BrainscanError("--resume continues the run in --out, --overwrite moves it aside: give one of them.")
     if resume and config is None and (out / "config.yaml").is_file():
         config = out / "config.yaml"  # the run's own settings: --resume needs no --data (only --epochs may change)
+    tracking = TrackingConfig(log, log_uri, log_experiment)
     run = _training_config(ctx, config)
-    setup_logging(quiet=quiet)
-    result = run_train(run, resume=resume, overwrite=overwrite, progress=screen_progress(quiet))
-    _print_metrics(result.metrics, quiet=quiet)
-    out_console.print(f"Run directory: {result.run_dir}", highlight=False, soft_wrap=True)
+    main = from_environment().is_main  # under torchrun, rank 0 alone draws and reports
+    setup_logging(quiet=quiet or not main)
+    progress = screen_progress(quiet or not main)
+    with track_training(run, tracking, resume=resume) as on_epoch_end:  # tracked where on_epoch_end runs: rank 0
+        result = run_train(run, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end, progress=progress)
+    if main:
+        _print_metrics(result.metrics, quiet=quiet)
+        out_console.print(f"Run directory: {result.run_dir}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -487,15 +523,44 @@ def cv(
     strict: Strict = False,
     drop_conflicts: DropConflicts = False,
     device: Device = T.device,
+    precision: Precision = T.precision,
+    fold: Annotated[
+        int | None,
+        typer.Option(
+            help="Train only fold K into --out/fold-K (one job of many, e.g. a cluster array task; jobs for other "
+            "folds may run at the same time into the same --out), then merge with --collect.",
+            metavar="K",
+        ),
+    ] = None,
+    collect: Annotated[
+        bool,
+        typer.Option(
+            "--collect",
+            help="Merge the folds that --fold jobs finished into cv_metrics.json (same options as those jobs); "
+            "refuses folds of other settings or data, and lists the folds not done.",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
-    from .cv import SUMMARY_METRICS, cross_validate
+    from .cv import SUMMARY_METRICS, collect_folds, cross_validate, train_fold
 
+    if fold is not None and collect:
+        raise BrainscanError("--fold trains one fold, --collect merges the finished ones: give one of them.")
+    if collect and overwrite:
+        raise BrainscanError("--collect only reads the folds: --overwrite has nothing to move aside.")
     run = _training_config(ctx, config)
     setup_logging(quiet=quiet)
-    summary = cross_validate(run, folds=folds, overwrite=overwrite, progress=screen_progress(quiet))
+    if fold is not None:
+        metrics = train_fold(run, fold, folds=folds, overwrite=overwrite, progress=screen_progress(quiet))
+        _print_metrics(metrics, quiet=quiet)
+        out_console.print(f"Fold {fold}/{folds}: {out / f'fold-{fold}'}", highlight=False, soft_wrap=True)
+        return
+    if collect:
+        summary = collect_folds(run, folds=folds, progress=screen_progress(quiet))
+    else:
+        summary = cross_validate(run, folds=folds, overwrite=overwrite, progress=screen_progress(quiet))
     table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")
     table.add_column("metric")
     for k in range(1, folds + 1):

@@ -16,6 +16,8 @@ OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "onecycle", "plateau", "none")
 BALANCE = ("none", "sampler", "loss")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+# auto: bf16 autocast on CUDA (fp16 with a gradient scaler where the GPU lacks bf16), fp32 on a CPU
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -113,6 +115,7 @@ class TrainConfig:
     augment_acquisition: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda when present, else cpu
+    precision: str = "auto"  # mixed precision of the training passes (PRECISIONS)
     threads: int | None = None  # torch intra-op threads (None: one per physical core)
 
     def __post_init__(self) -> None:
@@ -123,6 +126,7 @@ class TrainConfig:
         _check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}.")
         _check(self.balance in BALANCE, f"balance must be one of {', '.join(BALANCE)}.")
         _check(self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}.")
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}.")
         _check(0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1).")
         _check(self.freeze_epochs >= 0 and self.patience >= 0, "freeze_epochs and patience must be >= 0.")
         _check(self.low_res == 0 or self.low_res >= 32, "low_res must be 0 (off) or at least 32 px.")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY = "run.json"
 # settings that change where or how fast a run goes, not what it computes
-NOT_IDENTITY = {"out", "data.cache_dir", "train.device", "train.threads"}
+NOT_IDENTITY = {"out", "data.cache_dir", "train.device", "train.precision", "train.threads"}
 
 
 def flat_config(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ fitting, validation, checkpoints, and the final scoring — in the manner of tor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from .backends import TorchBackend, fast_backend, forward_batches, resolve_device
 from .checkpoint import TRAINING_PRINTS, checkpoint_payload, load_checkpoint, save_checkpoint
@@ -25,11 +26,13 @@ from .data.fingerprint import save_fingerprints
 from .data.prepare import SKIPPED_FILE, PreparedData, prepare_data, write_skipped_file
 from .data.splits import write_split_file
 from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_input
+from .distributed import RankBatches, Ranks, barrier, from_main, gather, same_on_every_rank, start, stop, sync_buffers
+from .distributed import wrap as wrap_distributed
 from .errors import BrainscanError
 from .evaluate import Split, score_split
 from .figures import confusion_matrix_figure, curves_figure, examples_figure, save_png
 from .files import write_csv, write_json
-from .hardware import release_free_memory, set_torch_threads
+from .hardware import available_cpus, release_free_memory, set_torch_threads
 from .head_features import dropout_rate, extract_head_inputs, fit_head_epoch, head_epoch_order
 from .metrics import compute_metrics
 from .models import (
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 BN_RECALIBRATION_IMAGES = 512  # enough for stable statistics; a forward pass over them costs seconds on a CPU
 VAL_BATCH = 64
+ONE_PROCESS = Ranks()
 PLOTS = ("curves.png", "confusion_matrix.png", "examples.png")
 HISTORY_FIELDS = [
     "epoch",
@@ -118,6 +122,31 @@ class RunResult:
     history: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Amp:
+    """Mixed precision for the training passes: autocast to ``dtype``; fp16 also scales the loss (``scaler``)."""
+
+    dtype: torch.dtype
+    scaler: Any = None  # torch.amp.GradScaler, fp16 only
+
+    @classmethod
+    def resolve(cls, precision: str, device: torch.device) -> Amp | None:
+        """``auto``: bf16 on CUDA (fp16 where the GPU has no bf16), none on a CPU; ``fp32``: none.
+
+        Raises:
+            BrainscanError: fp16 on a CPU (no CPU kernels worth having; bf16 or fp32 there).
+        """
+        if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+            return None
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "fp16":
+            if device.type != "cuda":
+                raise BrainscanError("--precision fp16 needs a CUDA device; on a CPU use bf16 or fp32.")
+            return cls(torch.float16, torch.amp.GradScaler("cuda"))
+        return cls(torch.bfloat16)
+
+
 @dataclass
 class Session:
     """What one run holds while it trains: its data, model, optimisation and random streams."""
@@ -140,7 +169,20 @@ class Session:
     loader_rng: torch.Generator
     augment: BatchAugment | None
     augment_rng: torch.Generator
+    ranks: Ranks = field(default_factory=Ranks)
+    amp: Amp | None = None  # mixed precision of the training passes (None: fp32)
     head_inputs: torch.Tensor | None = None  # backbone features of the training images, for head-only epochs
+    _wrapped: tuple[tuple[str, ...], nn.Module] | None = None
+
+    def training_model(self) -> nn.Module:
+        """The model the training passes run: under torchrun, in DistributedDataParallel over the parameters that
+        train now (built again when that set changes, e.g. once the backbone unfreezes)."""
+        if not self.ranks.enabled:
+            return self.model
+        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        if self._wrapped is None or self._wrapped[0] != trainable:
+            self._wrapped = (trainable, wrap_distributed(self.model, self.ranks, self.device))
+        return self._wrapped[1]
 
     @cached_property
     def bn_sample(self) -> np.ndarray:
@@ -202,39 +244,65 @@ def train(
         >>> result = train(cfg)  # doctest: +SKIP
         >>> result.metrics["accuracy"]  # doctest: +SKIP
     """
+    device = resolve_device(config.train.device)
+    Amp.resolve(config.train.precision, device)  # a precision the device cannot run: refused before any work
+    ranks = start(device.type)
+    joined = ranks.enabled
+    try:
+        return _train(config, ranks, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end, progress=progress)
+    finally:
+        if joined:
+            stop(ranks)
+
+
+def _train(
+    config: RunConfig,
+    ranks: Ranks,
+    *,
+    resume: bool,
+    overwrite: bool,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    progress: Progress,
+) -> RunResult:
     run_dir = Path(config.out)
     config, last = _resume_state(run_dir, config) if resume else (config.resolved(), None)
     if last is None:
         check_new_run(config, run_dir, overwrite=overwrite)
-    s = _set_up(config, run_dir, resumed=last is not None, overwrite=overwrite, progress=progress)
+    barrier(ranks)  # every rank has checked --out before rank 0 writes into it
+    s = _set_up(config, run_dir, resumed=last is not None, overwrite=overwrite, progress=progress, ranks=ranks)
     tracker = Tracker(sign=-1.0 if config.train.monitor == "val_loss" else 1.0)
     start_epoch = _restore(s, tracker, last) if last is not None else 1
     started = time.time()
     for epoch in range(start_epoch, config.train.epochs + 1):
         epoch_start = time.time()
         frozen, size = _prepare_epoch(s, epoch)
-        fit = _fit_epoch(s, epoch, frozen=frozen, size=size, progress=progress)
+        fit = _gathered(s, _fit_epoch(s, epoch, frozen=frozen, size=size, progress=progress))
+        sync_buffers(ranks, s.model)  # rank 0's BatchNorm statistics everywhere: one model to validate and save
         # Only epochs at the served resolution are candidates for best.pt; a low-resolution epoch is validated at
         # its own size, as a progress figure, which spares a BatchNorm recalibration and a full-size pass per epoch.
         served = frozen or size == s.preprocess.image_size
         val = _validate_epoch(s, recalibrate=served and not frozen, size=s.preprocess.image_size if served else size)
-        row = _history_row(s, epoch, frozen, size, fit, val, time.time() - epoch_start)
+        row = from_main(ranks, _history_row(s, epoch, frozen, size, fit, val, time.time() - epoch_start))
         tracker.history.append(row)
         if config.train.schedule == "plateau":
             s.scheduler.step(row[config.train.monitor])
         # a final model has no held-out figures to choose by: it keeps its last epoch, as its recipe was chosen
-        if served and (tracker.update(row[config.train.monitor], epoch) or config.data.final):
-            save_checkpoint(_payload(s, epoch), run_dir / "best.pt")
-        save_checkpoint(_payload(s, epoch, resume=_resume_payload(s, tracker)), run_dir / "last.pt")
-        # after last.pt, so that history.csv never runs ahead of what --resume continues from
-        write_csv(run_dir / "history.csv", HISTORY_FIELDS, tracker.history)
-        if on_epoch_end is not None:
-            on_epoch_end(row)
+        is_best = served and (tracker.update(row[config.train.monitor], epoch) or config.data.final)
+        if ranks.is_main:  # the only rank that writes
+            if is_best:
+                save_checkpoint(_payload(s, epoch), run_dir / "best.pt")
+            save_checkpoint(_payload(s, epoch, resume=_resume_payload(s, tracker)), run_dir / "last.pt")
+            # after last.pt, so that history.csv never runs ahead of what --resume continues from
+            write_csv(run_dir / "history.csv", HISTORY_FIELDS, tracker.history)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
         if config.train.patience and tracker.bad_epochs >= config.train.patience:
             log.info("Early stopping: no %s improvement for %d epochs.", config.train.monitor, config.train.patience)
             break
     train_seconds = time.time() - started
     best_epoch = int(tracker.history[-1]["epoch"]) if config.data.final else tracker.best_epoch
+    if not ranks.is_main:  # rank 0 scores the best model and writes the metrics
+        return RunResult(run_dir, run_dir / "best.pt", {}, tracker.history)
     return _finish(run_dir, s.data, s.preprocess, s.device, tracker.history, train_seconds, best_epoch,
                    config.train.target_sensitivity, progress=progress)  # fmt: skip
 
@@ -264,20 +332,27 @@ def check_model_weights(config: RunConfig) -> None:
         )
 
 
-def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, overwrite: bool, progress: Progress) -> Session:
+def _set_up(
+    config: RunConfig, run_dir: Path, *, resumed: bool, overwrite: bool, progress: Progress, ranks: Ranks = ONE_PROCESS
+) -> Session:
     """Seeds, data, model, loaders, loss and optimisation, in the order that fixes every random draw; then the
-    run directory, once nothing before training can fail."""
+    run directory, once nothing before training can fail (rank 0 only, under torchrun)."""
     t = config.train
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)  # noqa: NPY002 - third-party code may draw from numpy's global RNG
-    set_torch_threads(t.threads)
+    set_torch_threads(t.threads or max(1, available_cpus() // ranks.local_world_size))  # the cores are shared
     device = resolve_device(t.device)
+    if device.type == "cuda" and ranks.enabled:
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    amp = Amp.resolve(t.precision, device)
     spec = get_spec(config.model.name)
     preprocess = Preprocess(
         config.data.image_size, spec.mean, spec.std, config.data.crop_background, standardise=config.data.standardise
     )
     split_file = run_dir / "split.csv" if resumed else None
     data = prepare_data(config.data, seed=t.seed, split_file=split_file, progress=progress)
+    same_on_every_rank(ranks, data.rows, "split")
     log.info(_describe_data(data))
 
     pretrained = bool(config.model.weights)
@@ -290,36 +365,43 @@ def _set_up(config: RunConfig, run_dir: Path, *, resumed: bool, overwrite: bool,
     sample_weights = weights[data.targets[train_idx]].double() if t.balance == "sampler" else None
     sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=loader_rng) \
         if sample_weights is not None else None  # fmt: skip
-    train_loader = DataLoader(
-        train_set,
-        batch_size=t.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=loader_rng,
-        drop_last=len(train_idx) > t.batch_size,
-        pin_memory=device.type == "cuda",
-    )
+    drop_last = len(train_idx) > t.batch_size
+    if ranks.enabled:  # the same seeded order on every rank, each global batch shared out among them
+        order = sampler if sampler is not None else RandomSampler(train_set, generator=loader_rng)
+        batches = RankBatches(order, t.batch_size, drop_last, ranks)
+        train_loader = DataLoader(train_set, batch_sampler=batches, pin_memory=device.type == "cuda")
+    else:
+        train_loader = DataLoader(
+            train_set,
+            batch_size=t.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=loader_rng,
+            drop_last=drop_last,
+            pin_memory=device.type == "cuda",
+        )
     criterion = nn.CrossEntropyLoss(
         weight=weights.to(device) if t.balance == "loss" else None, label_smoothing=t.label_smoothing
     )
     optimizer = _build_optimizer(model, spec, t, pretrained)
     scheduler = SCHEDULES[t.schedule](optimizer, t, t.epochs * len(train_loader))
 
-    if overwrite and not resumed:
-        index = Path(config.data.index) if config.data.index else None
-        claim_output(run_dir, own=lambda name: index is not None and run_dir / name == index)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
-    write_split_file(run_dir / "split.csv", data.rows)
-    write_skipped_file(run_dir / SKIPPED_FILE, data.skipped)
-    write_identity(run_dir, config, data.rows)
-    if data.fingerprints is not None:
-        save_fingerprints(run_dir / TRAINING_PRINTS, data.seen_fingerprints())
+    if ranks.is_main:
+        if overwrite and not resumed:
+            index = Path(config.data.index) if config.data.index else None
+            claim_output(run_dir, own=lambda name: index is not None and run_dir / name == index)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        write_split_file(run_dir / "split.csv", data.rows)
+        write_skipped_file(run_dir / SKIPPED_FILE, data.skipped)
+        write_identity(run_dir, config, data.rows)
+        if data.fingerprints is not None:
+            save_fingerprints(run_dir / TRAINING_PRINTS, data.seen_fingerprints())
     return Session(
         config, run_dir, device, spec, data, model, preprocess, pretrained, train_idx, val_idx, train_loader,
         sample_weights, criterion, optimizer, scheduler, loader_rng,
         BatchAugment(acquisition=t.augment_acquisition) if t.augment else None,
-        torch.Generator().manual_seed(t.seed + 1),
+        torch.Generator().manual_seed(t.seed + 1), ranks, amp,
     )  # fmt: skip
 
 
@@ -379,7 +461,7 @@ def _fit_epoch(s: Session, epoch: int, *, frozen: bool, size: int, progress: Pro
     label = f"Epoch {epoch}/{t.epochs}" + (" (head only)" if frozen else f" ({size} px)")
     with progress(label, len(s.train_loader)) as advance:
         return train_one_epoch(
-            s.model,
+            s.training_model(),
             s.train_loader,
             preprocess=s.preprocess,
             criterion=s.criterion,
@@ -391,6 +473,7 @@ def _fit_epoch(s: Session, epoch: int, *, frozen: bool, size: int, progress: Pro
             augment=s.augment,
             generator=s.augment_rng,
             pass_pixels=t.cpu_pass_pixels if s.device.type == "cpu" else 0,
+            amp=s.amp,
             on_batch=advance,
         )
 
@@ -413,6 +496,16 @@ def _validate_epoch(s: Session, *, recalibrate: bool, size: int) -> EpochOutput:
     del backend
     release_free_memory()
     return EpochOutput(float(F.cross_entropy(logits, labels)), logits, labels)
+
+
+def _gathered(s: Session, fit: EpochOutput) -> EpochOutput:
+    """The epoch's training figures over every rank's share of the batches (the rank's own with one process)."""
+    if not s.ranks.enabled:
+        return fit
+    parts = gather(s.ranks, (fit.loss * len(fit.targets), fit.logits, fit.targets))
+    n = sum(len(targets) for _, _, targets in parts)
+    loss = sum(total for total, _, _ in parts) / max(n, 1)
+    return EpochOutput(loss, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
 
 
 def _history_row(
@@ -480,6 +573,7 @@ def train_one_epoch(
     augment: BatchAugment | None = None,
     generator: torch.Generator | None = None,
     pass_pixels: int = 0,
+    amp: Amp | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> EpochOutput:
     """One training pass over ``loader``.
@@ -487,11 +581,11 @@ def train_one_epoch(
     ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
     statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing); ``augment``
     draws from ``generator``; ``pass_pixels`` (0: off) bounds a forward/backward pass, see
-    :func:`accumulated_step`.
+    :func:`accumulated_step`; ``amp`` sets mixed precision.
     """
     model.train()
-    if frozen_spec is not None:
-        set_backbone_frozen(model, frozen_spec, True)
+    if frozen_spec is not None:  # on the model itself, inside a DistributedDataParallel wrapper
+        set_backbone_frozen(getattr(model, "module", model), frozen_spec, True)
     total_loss, all_logits, all_targets = 0.0, [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -499,7 +593,7 @@ def train_one_epoch(
         x = resize_batch(to_model_input(images, preprocess, augment=augment, generator=generator), input_size)
         passes = math.ceil(x.shape[0] * x.shape[-1] * x.shape[-2] / pass_pixels) if pass_pixels else 1
         loss, logits = accumulated_step(
-            model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes
+            model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes, amp=amp
         )
         total_loss += float(loss.detach()) * len(targets)
         all_logits.append(logits.detach().float().cpu())
@@ -520,29 +614,39 @@ def accumulated_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any = None,
     passes: int = 1,
+    amp: Amp | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch fed through the model in ``passes`` slices; returns (loss, logits).
 
     Activations are held for one slice at a time, so peak memory falls with the slice size. Each slice's loss is
     weighted by its share of the batch (of the class weights, for a weighted loss), so the accumulated gradient is
-    the whole batch's; only BatchNorm, which normalises over what it sees, works per slice.
+    the whole batch's; only BatchNorm, which normalises over what it sees, works per slice. Under
+    DistributedDataParallel the gradients are averaged across processes once, after the last slice.
     """
     passes = max(1, min(passes, len(x)))
     weight = getattr(criterion, "weight", None)
     shares = weight[targets] if weight is not None else torch.ones(len(targets), device=targets.device)
     total_share = shares.sum()
-    use_amp = x.device.type == "cuda"
+    scaler = amp.scaler if amp is not None else None
     optimizer.zero_grad(set_to_none=True)
     loss_sum, all_logits = torch.zeros((), device=x.device), []
     slices = zip(x.tensor_split(passes), targets.tensor_split(passes), shares.tensor_split(passes), strict=True)
-    for xs, ys, ws in slices:
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(xs)
-            loss = criterion(logits.float(), ys) * (ws.sum() / total_share)
-        loss.backward()
+    for i, (xs, ys, ws) in enumerate(slices):
+        last = i == passes - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            dtype = amp.dtype if amp is not None else torch.float32
+            with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=amp is not None):
+                logits = model(xs)
+                loss = criterion(logits.float(), ys) * (ws.sum() / total_share)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
         all_logits.append(logits.detach())
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     return loss_sum, torch.cat(all_logits)
