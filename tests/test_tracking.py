@@ -231,3 +231,17 @@ def test_a_missing_tracker_package_names_the_extra_before_any_training(
 def test_log_uri_without_log_is_refused() -> None:
     with pytest.raises(BrainscanError, match="need --log"):
         TrackingConfig(uri="runs/tb")
+
+
+def test_cross_validation_tracks_each_fold_as_a_run_of_its_own(data: Path, runs: Path) -> None:
+    out = runs / "cv-tracked"
+    result = CliRunner().invoke(
+        app, ["cv", "--data", str(data), "--out", str(out), "--folds", "2", "--epochs", "1", "--model", "cnn",
+              "--image-size", "32", "--batch-size", "16", "--log", "tensorboard", "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for k in (1, 2):
+        fold = out / f"fold-{k}"
+        assert [p.step for p in events(fold).Scalars("val_loss")] == [1]
+        (point,) = events(fold).Scalars("test/accuracy")
+        assert point.value == pytest.approx(metrics_of(fold)["accuracy"], rel=1e-6)

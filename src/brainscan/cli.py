@@ -144,6 +144,25 @@ NoFeatureCache = Annotated[
 Patience = Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")]
 Monitor = Annotated[str, typer.Option(help="Selects best.pt: " + ", ".join(MONITORS) + ".")]
 Balance = Annotated[str, typer.Option(help="Class imbalance: " + ", ".join(BALANCE) + ".")]
+Log = Annotated[
+    str | None,
+    typer.Option(
+        help="Also track the run in tensorboard or mlflow (pip install 'brainscan[track]'): config, epochs, "
+        "test metrics and protocol, plots. Off by default; no part of the run's identity.",
+        metavar="TRACKER",
+    ),
+]
+LogUri = Annotated[
+    str | None,
+    typer.Option(
+        help="Where --log writes. tensorboard: a log folder (the run in <uri>/<experiment>/<out name>); mlflow: "
+        "a tracking URI (http://..., sqlite:///...) or a folder for an SQLite store. Default: inside --out.",
+        metavar="URI",
+    ),
+]
+LogExperiment = Annotated[
+    str | None, typer.Option(help="--log's experiment name (default: the data folder's name).", metavar="NAME")
+]
 Precision = Annotated[
     str,
     typer.Option(
@@ -433,25 +452,9 @@ def train(
         bool, typer.Option(help="Continue the run in --out from its last.pt (its config.yaml supplies --data).")
     ] = False,
     overwrite: Overwrite = False,
-    log: Annotated[
-        str | None,
-        typer.Option(
-            help="Also track the run in tensorboard or mlflow (pip install 'brainscan[track]'): config, epochs, "
-            "test metrics and protocol, plots. Off by default; no part of the run's identity.",
-            metavar="TRACKER",
-        ),
-    ] = None,
-    log_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="Where --log writes. tensorboard: a log folder (the run in <uri>/<experiment>/<out name>); mlflow: "
-            "a tracking URI (http://..., sqlite:///...) or a folder for an SQLite store. Default: inside --out.",
-            metavar="URI",
-        ),
-    ] = None,
-    log_experiment: Annotated[
-        str | None, typer.Option(help="--log's experiment name (default: the data folder's name).", metavar="NAME")
-    ] = None,
+    log: Log = None,
+    log_uri: LogUri = None,
+    log_experiment: LogExperiment = None,
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
@@ -541,26 +544,33 @@ def cv(
         ),
     ] = False,
     overwrite: Overwrite = False,
+    log: Log = None,
+    log_uri: LogUri = None,
+    log_experiment: LogExperiment = None,
     quiet: Quiet = False,
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
     from .cv import SUMMARY_METRICS, collect_folds, cross_validate, train_fold
+    from .tracking import TrackingConfig
 
     if fold is not None and collect:
         raise BrainscanError("--fold trains one fold, --collect merges the finished ones: give one of them.")
     if collect and overwrite:
         raise BrainscanError("--collect only reads the folds: --overwrite has nothing to move aside.")
+    tracking = TrackingConfig(log, log_uri, log_experiment)  # each fold a tracked run
     run = _training_config(ctx, config)
     setup_logging(quiet=quiet)
     if fold is not None:
-        metrics = train_fold(run, fold, folds=folds, overwrite=overwrite, progress=screen_progress(quiet))
+        progress = screen_progress(quiet)
+        metrics = train_fold(run, fold, folds=folds, overwrite=overwrite, tracking=tracking, progress=progress)
         _print_metrics(metrics, quiet=quiet)
         out_console.print(f"Fold {fold}/{folds}: {out / f'fold-{fold}'}", highlight=False, soft_wrap=True)
         return
     if collect:
         summary = collect_folds(run, folds=folds, progress=screen_progress(quiet))
     else:
-        summary = cross_validate(run, folds=folds, overwrite=overwrite, progress=screen_progress(quiet))
+        progress = screen_progress(quiet)
+        summary = cross_validate(run, folds=folds, overwrite=overwrite, tracking=tracking, progress=progress)
     table = Table(title=f"{folds}-fold cross-validation — {summary['protocol']['fold_method']}")
     table.add_column("metric")
     for k in range(1, folds + 1):

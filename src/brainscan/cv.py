@@ -33,6 +33,7 @@ from .rundir import (
     read_identity,
     recorded_config,
 )
+from .tracking import NO_TRACKING, TrackingConfig, track_training
 from .train import check_model_weights, train
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,12 @@ class _Fold:
 
 
 def cross_validate(
-    config: RunConfig, *, folds: int = 5, overwrite: bool = False, progress: Progress = no_progress
+    config: RunConfig,
+    *,
+    folds: int = 5,
+    overwrite: bool = False,
+    tracking: TrackingConfig = NO_TRACKING,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Train one model per fold (test = that fold) and summarise with mean and standard deviation.
 
@@ -121,12 +127,18 @@ def cross_validate(
     for k in range(1, folds + 1):
         fold = _fold(plan, k)
         state = _fold_state(fold.dir, k, fold.config, fold.expected)
-        fold_metrics.append(_run_fold(fold, state, folds, progress))
+        fold_metrics.append(_run_fold(fold, state, folds, tracking, progress))
     return _summarise(plan, fold_metrics, confounding)
 
 
 def train_fold(
-    config: RunConfig, fold: int, *, folds: int = 5, overwrite: bool = False, progress: Progress = no_progress
+    config: RunConfig,
+    fold: int,
+    *,
+    folds: int = 5,
+    overwrite: bool = False,
+    tracking: TrackingConfig = NO_TRACKING,
+    progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Train fold ``fold`` (1..``folds``) of :func:`cross_validate` alone, as one job of many; returns its metrics.
 
@@ -156,7 +168,7 @@ def train_fold(
     plan = _plan(config, folds, progress)
     job = _fold(plan, fold)
     state = _fold_state(job.dir, fold, job.config, job.expected, remedy=f"pass --overwrite to move fold-{fold} aside")
-    return _run_fold(job, state, folds, progress)
+    return _run_fold(job, state, folds, tracking, progress)
 
 
 def collect_folds(config: RunConfig, *, folds: int = 5, progress: Progress = no_progress) -> dict[str, Any]:
@@ -270,8 +282,9 @@ def _fold(plan: _Plan, k: int) -> _Fold:
     return _Fold(k, fold_dir, rows, columns, fold_config, identity(fold_config, hashed))
 
 
-def _run_fold(fold: _Fold, state: str, folds: int, progress: Progress) -> dict[str, Any]:
-    """Train (or resume) the fold, or reuse its finished run; returns its metrics."""
+def _run_fold(fold: _Fold, state: str, folds: int, tracking: TrackingConfig, progress: Progress) -> dict[str, Any]:
+    """Train (or resume) the fold, tracked as a run of its own when ``tracking`` is on, or reuse its finished run;
+    returns its metrics."""
     if state == "done":
         log.warning("fold %d: reusing the finished run in %s (same config and data).", fold.k, fold.dir)
         return json.loads((fold.dir / "metrics.json").read_text())
@@ -286,7 +299,9 @@ def _run_fold(fold: _Fold, state: str, folds: int, progress: Progress) -> dict[s
     else:
         log.warning("fold %d: resuming the interrupted run in %s (same config and data).", fold.k, fold.dir)
     log.info("Fold %d/%d", fold.k, folds)
-    return train(fold.config, resume=state == "resume", progress=progress).metrics
+    resume = state == "resume"
+    with track_training(fold.config, tracking, resume=resume) as on_epoch_end:
+        return train(fold.config, resume=resume, on_epoch_end=on_epoch_end, progress=progress).metrics
 
 
 def _confounding(plan: _Plan, progress: Progress) -> dict[str, Any] | None:

@@ -85,6 +85,9 @@ class RunTracker(Protocol):
     def close(self, status: str) -> None: ...
 
 
+NO_TRACKING = TrackingConfig()  # tracking off: the default of every command
+
+
 @contextmanager
 def track_training(
     config: RunConfig, tracking: TrackingConfig, *, resume: bool = False
