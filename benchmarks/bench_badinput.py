@@ -653,7 +653,8 @@ class PathIndex:
 
 
 def parse_predict(run_: Run, arguments: list[str], n: int) -> tuple[list[Verdict], list[str]]:
-    """Each input's verdict from ``predict --json``: a JSON line on stdout, or a line under the skip heading."""
+    """Each input's verdict from ``predict --json``: its JSON line on stdout (a label, or the error), or a line
+    under the skip heading (as ``predict`` listed skipped inputs before it gave them JSON lines)."""
     index = PathIndex.of(arguments)
     verdicts: dict[int, Verdict] = {}
     unmatched: list[str] = []
@@ -665,6 +666,8 @@ def parse_predict(run_: Run, arguments: list[str], n: int) -> tuple[list[Verdict
         i = index.find(str(record.get("path", ""))) if isinstance(record, dict) else None
         if i is None:
             unmatched.append(f"stdout: {line[:200]}")
+        elif "error" in record:  # an input that could not be read: its line carries the reason
+            verdicts[i] = Verdict("refused", str(record["error"]))
         else:
             verdicts[i] = Verdict("accepted", f"predicted {record.get('label')}")
     lines = run_.stderr.splitlines()
