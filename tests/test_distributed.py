@@ -178,3 +178,15 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_written(data: Path, tmp_pat
     with pytest.raises(BrainscanError, match="fp16 needs a CUDA device"):
         train(replace(config, train=replace(config.train, precision="fp16", device="cpu")))
     assert not (tmp_path / "fp16").exists()
+
+
+def test_cross_validation_refuses_torchrun_before_any_work(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from brainscan.cv import cross_validate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(BrainscanError, match="does not run under torchrun"):
+        cross_validate(tiny_config(data, tmp_path / "cv"), folds=2)
+    assert not (tmp_path / "cv").exists()

@@ -19,6 +19,7 @@ from .config import DataConfig, RunConfig
 from .data.ingest import read_index_rows
 from .data.prepare import SKIPPED_FILE, DecodedData, check_confounding, read_dataset, write_skipped_file
 from .data.splits import assign_splits, effective_groups
+from .distributed import from_environment
 from .errors import BrainscanError, display_path
 from .files import write_csv, write_json
 from .metrics import SUMMARY_METRICS
@@ -206,6 +207,11 @@ def collect_folds(config: RunConfig, *, folds: int = 5, progress: Progress = no_
 
 
 def _check_cv(config: RunConfig, folds: int) -> RunConfig:
+    if from_environment().enabled:
+        raise BrainscanError(
+            "cv does not run under torchrun: run its folds as jobs (`brainscan cv ... --fold K`, then --collect), "
+            "each of which may be a `torchrun ... -m brainscan train` of its own."
+        )
     if folds < 2:
         raise BrainscanError("--folds must be at least 2.")
     if config.data.final:
