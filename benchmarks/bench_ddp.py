@@ -23,21 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIGSHARE = REPO.parent / "shared" / "data" / "figshare-cheng"
-WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2-imagenet-int8-dequantized.pth"
-
-
-def fold_index(fold: int, folder: Path) -> Path:
-    """Figshare's index with fold ``fold`` as the test split (as benchmarks/figshare_fold.py builds it)."""
-    with (FIGSHARE / "index.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    index = folder / f"figshare-fold{fold}.csv"
-    with index.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), "split"])
-        writer.writeheader()
-        writer.writerows({**r, "split": "test" if r["cv_fold"] == str(fold) else "train"} for r in rows)
-    return index
+from figshare_fold import FIGSHARE, WEIGHTS, fold_index  # this script's folder is on sys.path when run
 
 
 def free_port() -> int:

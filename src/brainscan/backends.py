@@ -238,6 +238,13 @@ class ExportWrapper(nn.Module):
         return self.model(x * self.scale - self.shift)
 
 
+def export_format(path: str | Path) -> str | None:
+    """``onnx`` or ``torchscript`` for an exported model's file name (:data:`SUFFIX`), None for anything else (a
+    checkpoint)."""
+    name = str(path).lower()
+    return next((fmt for fmt, suffix in SUFFIX.items() if name.endswith(suffix)), None)
+
+
 def exported_path(checkpoint: str | Path, fmt: str) -> Path:
     """Where :func:`export_model` writes ``fmt`` for ``checkpoint`` by default (beside it, same stem)."""
     checkpoint = Path(checkpoint)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .about import __version__
+from .backends import export_format
 from .data.transforms import Preprocess
 from .errors import BrainscanError, display_path
 from .files import write_atomic
@@ -98,7 +99,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BrainscanError(f"{display_path(path)}: no such checkpoint.")
-    if path.name.lower().endswith((".onnx", ".torchscript.pt")):
+    if export_format(path) is not None:
         raise BrainscanError(
             f"{display_path(path)} is an exported model, not a checkpoint: this needs the best.pt it was exported from."
         )

@@ -292,7 +292,22 @@ def explain(
         >>> e = explain(p, "scan.jpg")  # doctest: +SKIP
         >>> save_overlay(e, "scan-cam.png")  # doctest: +SKIP
     """
+    path = str(image_or_path) if isinstance(image_or_path, str | Path) else None
     prepared = predictor.prepare(image_or_path)
+    return explain_slice(predictor, prepared, method=method, target=target, layers=layers, path=path)
+
+
+def explain_slice(
+    predictor: Predictor,
+    prepared: np.ndarray,
+    *,
+    method: str = DEFAULT_METHOD,
+    target: int | str | None = None,
+    layers: Sequence[str] | None = None,
+    path: str | None = None,
+) -> Explanation:
+    """:func:`explain` for a slice already prepared for the model (:meth:`Predictor.prepare`), e.g. one a server
+    decoded once for both its prediction and its map."""
     wanted = None if target is None else _target_index(predictor, target)
     cams, logits = compute_cams(
         predictor, prepared[None], method=method, targets=None if wanted is None else [wanted], layers=layers
@@ -310,7 +325,7 @@ def explain(
         target_probability=float(probs[explained]),
         method=method,
         layers=tuple(names),
-        path=str(image_or_path) if isinstance(image_or_path, str | Path) else None,
+        path=path,
     )
 
 

@@ -24,6 +24,7 @@ from .backends import (
     Backend,
     OnnxRuntimeBackend,
     TorchBackend,
+    export_format,
     exported_path,
     forward_batches,
     has_module,
@@ -40,7 +41,6 @@ from .models import create_model, get_spec
 from .progress import Progress, no_progress
 
 BACKENDS = ("auto", "torch", "onnxruntime", "torchscript")
-EXPORT_SUFFIXES = {".torchscript.pt": "torchscript", ".onnx": "onnx"}  # ".torchscript.pt" before any ".pt"
 # what describe() passes on from a checkpoint or an export's metadata (never the weights or the optimiser state)
 CARD_KEYS = ("arch", "class_names", "preprocess", "calibration", "operating_point", "metrics", "pretrained")
 logger = logging.getLogger(__name__)
@@ -76,12 +76,6 @@ class Skipped:
 
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
-
-
-def export_format(path: str | Path) -> str | None:
-    """``onnx`` or ``torchscript`` for an exported model's file name, None for anything else (a checkpoint)."""
-    name = str(path).lower()
-    return next((fmt for suffix, fmt in EXPORT_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
 class Predictor:

@@ -23,9 +23,9 @@ from PIL import Image
 
 from ..about import DISCLAIMER
 from ..errors import BrainscanError
-from ..explain import Explanation, compute_cams, layer_names, overlay
+from ..explain import explain_slice, overlay
 from ..hardware import available_cpus
-from ..predict import Predictor, export_format, softmax, source_checkpoint
+from ..predict import Predictor, export_format, source_checkpoint
 from .batching import BoundedExecutor, MicroBatcher, QueueFull
 from .config import ServeConfig
 from .sniff import FORMATS
@@ -148,19 +148,7 @@ class ModelService:
         """The map of the served prediction's class over the slice (runs on the activation-map thread)."""
         model, method = self.cam_predictor, self.config.cam_method
         assert model is not None
-        maps, logits = compute_cams(model, image[None], method=method, targets=[target])
-        probs = softmax(logits.numpy(), model.temperature)[0]
-        index = int(np.argmax(probs))
-        explanation = Explanation(
-            image=image,
-            cam=maps[0],
-            label=model.class_names[index],
-            probability=float(probs[index]),
-            target=model.class_names[target],
-            target_probability=float(probs[target]),
-            method=method,
-            layers=tuple(layer_names(model, method)),
-        )
+        explanation = explain_slice(model, image, method=method, target=target)
         return {"method": method, "target": explanation.target, "overlay_png": png_base64(overlay(explanation))}
 
     def _card(self) -> dict[str, Any]:
