@@ -12,7 +12,9 @@ Parts (each trains with brainscan's defaults, MobileNetV2 from the shared ImageN
 * ``fourclass``: trained on the 4-class ``Training/`` (val carved from it; its ``Testing/`` is the test split),
   asked about the yes/no set minus copies of its train/val images: ``fourclass_to_yesno_sensitivity`` (share of
   ``yes`` slices whose most probable class is a tumour class), the same at the stored operating point, and the
-  internal ``fourclass_test_accuracy`` raw and de-leaked.
+  internal ``fourclass_test_accuracy`` raw and de-leaked. ``--fourclass-boxes`` reads the same images and split
+  from an index that gives each Figshare copy its tumour box (``fourclass_boxes.py``), for ``--set
+  train.box_loss=W``.
 * ``confound``: the audit's label–source confound score on the 4-class set and on Figshare.
 
 Figshare is not external to the 4-class set (its tumour images are Figshare slices), so it is not used as such.
@@ -98,9 +100,17 @@ def yesno_part(out: Path, overrides: dict[str, dict[str, Any]]) -> dict[str, Any
     return figures
 
 
-def fourclass_part(out: Path, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def fourclass_part(out: Path, overrides: dict[str, dict[str, Any]], boxes: bool = False) -> dict[str, Any]:
     # the set files 4 slices under both meningioma and pituitary (the audit's conflicting groups): left out
-    ckpt, metrics, minutes = trained(config(FOURCLASS, out / "fourclass", overrides, drop_conflicts=True))
+    data: dict[str, Any] = {"drop_conflicts": True}
+    if boxes:  # the same images and split, read from an index that gives the Figshare copies their tumour boxes
+        from fourclass_boxes import write_fourclass_index
+
+        index = out / "fourclass-boxes" / "index.csv"
+        if not index.is_file():
+            write_fourclass_index(index)
+        data["index"] = str(index)
+    ckpt, metrics, minutes = trained(config(FOURCLASS, out / "fourclass", overrides, **data))
     external = evaluate(ckpt, data=YESNO, split="all")
     yes = external["called_tumour"]["yes"]
     figures = {
@@ -134,7 +144,7 @@ def confound_part() -> dict[str, Any]:
     return figures
 
 
-PARTS = {"yesno": yesno_part, "fourclass": fourclass_part}
+PARTS = {"yesno": yesno_part}
 
 
 def main() -> None:
@@ -142,6 +152,11 @@ def main() -> None:
     parser.add_argument("--parts", default="yesno,fourclass,confound")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "external")
+    parser.add_argument(
+        "--fourclass-boxes",
+        action="store_true",
+        help="train the fourclass part from an index whose Figshare copies carry tumour boxes (for train.box_loss)",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -153,6 +168,8 @@ def main() -> None:
     for part in args.parts.split(","):
         if part == "confound":
             figures |= confound_part()
+        elif part == "fourclass":
+            figures |= fourclass_part(args.out, overrides, boxes=args.fourclass_boxes)
         elif part in PARTS:
             figures |= PARTS[part](args.out, overrides)
         else:

@@ -34,6 +34,7 @@ def main() -> None:
     )
     parser.add_argument("--recipe", default="fast", help="fast, full or robust (brainscan.config.RECIPES)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--box-loss", type=float, default=0.0, help="box-attention loss weight (0: off)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "figshare-cv")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
         data=DataConfig(root=str(FIGSHARE), index=str(FIGSHARE / "index.csv"), group_column="cv_fold"),
         out=str(args.out),
         model=ModelConfig(name=args.model, weights=args.weights or default_weights(args.model)),
-        train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads),
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads, box_loss=args.box_loss),
     ).with_recipe(args.recipe)
     started = time.time()
     summary = cross_validate(config, folds=5)

@@ -56,6 +56,7 @@ def main() -> None:
     )
     parser.add_argument("--recipe", default="fast", help="fast, full or robust (brainscan.config.RECIPES)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--box-loss", type=float, default=0.0, help="box-attention loss weight (0: off)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/figshare-foldK)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--report", action="store_true", help="write report.html and add its figures to the JSON")
@@ -74,7 +75,7 @@ def main() -> None:
         data=DataConfig(root=str(FIGSHARE), index=str(fold_index(args.fold, out)), image_size=args.image_size),
         out=str(out),
         model=ModelConfig(name=args.model, weights=args.weights or default_weights(args.model)),
-        train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads),
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads, box_loss=args.box_loss),
     ).with_recipe(args.recipe)
     result = train(config)
     minutes = (time.time() - started) / 60
@@ -90,6 +91,7 @@ def main() -> None:
         "model": args.model,
         "epochs": args.epochs,
         "image_size": args.image_size,
+        "box_loss": args.box_loss,
         "minutes": round(minutes, 2),
         "run_dir": str(out),
     }

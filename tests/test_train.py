@@ -155,6 +155,8 @@ def test_corrupt_files_are_skipped_and_reported_or_fatal_when_strict(yes_no_fold
             id="plateau-smoothing",
         ),
         pytest.param({"patience": 1, "epochs": 4, "lr": 1e-7}, id="early-stopping"),
+        pytest.param({"mix": "mixup", "mix_alpha": 0.4}, id="mixup"),
+        pytest.param({"mix": "cutmix", "cpu_pass_pixels": 4 * 32 * 32}, id="cutmix-in-passes"),
     ],
 )
 def test_training_options_run_end_to_end(yes_no_folder: Path, tmp_path: Path, train_kwargs: dict) -> None:

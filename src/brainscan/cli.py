@@ -28,6 +28,7 @@ from rich.text import Text
 from .about import DISCLAIMER, __version__
 from .config import (
     BALANCE,
+    MIXES,
     MONITORS,
     OPTIMIZERS,
     PRECISIONS,
@@ -136,6 +137,19 @@ FreezeEarlyLayers = Annotated[
     ),
 ]
 LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing of the cross-entropy loss.")]
+BoxLoss = Annotated[
+    float,
+    typer.Option(
+        help="Weight of the box-attention loss: each tumour slice's activation map is pulled into its tumour box "
+        "(the index CSV's box_x_center, box_y_center, box_width, box_height columns), at training only. 0: off."
+    ),
+]
+Mix = Annotated[
+    str,
+    typer.Option(help="Mix pairs of training images and their labels: " + ", ".join(MIXES) + " (mixup blends, cutmix "
+                 "pastes a patch)."),
+]  # fmt: skip
+MixAlpha = Annotated[float, typer.Option(help="The mixed share is drawn from Beta(alpha, alpha).")]
 LowRes = Annotated[int, typer.Option(help="Progressive resizing: earlier epochs at this size (0: off).")]
 FullResEpochs = Annotated[int | None, typer.Option(help="Final epochs at --image-size (default: the last quarter).")]
 NoFeatureCache = Annotated[
@@ -261,8 +275,8 @@ FIELDS: dict[str, tuple[str | None, str, Callable[[Any], Any]]] = {
     "standardise": ("data", "standardise", _as_is),
     **{name: ("train", name, _as_is) for name in
        ("epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "optimizer", "schedule", "freeze_epochs",
-        "label_smoothing", "low_res", "full_res_epochs", "patience", "monitor", "balance", "target_sensitivity",
-        "cpu_pass_pixels", "seed", "device", "precision")},
+        "label_smoothing", "box_loss", "mix", "mix_alpha", "low_res", "full_res_epochs", "patience", "monitor",
+        "balance", "target_sensitivity", "cpu_pass_pixels", "seed", "device", "precision")},
 }  # fmt: skip
 # Config messages begin with the field they are about ("epochs must be at least 1."); the user typed a flag.
 FLAG_PHRASES = {field: "--" + name.replace("_", "-") for name, (_, field, _) in FIELDS.items()} | {
@@ -314,6 +328,7 @@ def run_config(
         ("schedule", tree["train"].get("schedule", T.schedule), SCHEDULES),
         ("monitor", tree["train"].get("monitor", T.monitor), MONITORS),
         ("balance mode", tree["train"].get("balance", T.balance), BALANCE),
+        ("mix", tree["train"].get("mix", T.mix), MIXES),
         ("precision", tree["train"].get("precision", T.precision), PRECISIONS),
     ]:
         if value not in choices:
@@ -425,6 +440,9 @@ def train(
     freeze_epochs: FreezeEpochs = T.freeze_epochs,
     freeze_early_layers: FreezeEarlyLayers = T.freeze_early,
     label_smoothing: LabelSmoothing = T.label_smoothing,
+    box_loss: BoxLoss = T.box_loss,
+    mix: Mix = T.mix,
+    mix_alpha: MixAlpha = T.mix_alpha,
     low_res: LowRes = T.low_res,
     full_res_epochs: FullResEpochs = T.full_res_epochs,
     no_feature_cache: NoFeatureCache = False,
@@ -505,6 +523,9 @@ def cv(
     freeze_epochs: FreezeEpochs = T.freeze_epochs,
     freeze_early_layers: FreezeEarlyLayers = T.freeze_early,
     label_smoothing: LabelSmoothing = T.label_smoothing,
+    box_loss: BoxLoss = T.box_loss,
+    mix: Mix = T.mix,
+    mix_alpha: MixAlpha = T.mix_alpha,
     low_res: LowRes = T.low_res,
     full_res_epochs: FullResEpochs = T.full_res_epochs,
     no_feature_cache: NoFeatureCache = False,

@@ -15,6 +15,7 @@ from .files import write_text
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "onecycle", "plateau", "none")
 BALANCE = ("none", "sampler", "loss")
+MIXES = ("none", "mixup", "cutmix")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 # auto: bf16 autocast on CUDA (fp16 with a gradient scaler where the GPU lacks bf16), fp32 on a CPU
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -104,6 +105,13 @@ class TrainConfig:
     # instead of 3.3 GB and was no slower (0: never split; a GPU never splits)
     cpu_pass_pixels: int = 16 * 160 * 160
     label_smoothing: float = 0.0
+    # weight of the box-attention loss (brainscan.box_attention): each tumour slice's activation map pulled into its
+    # tumour box from the index's box columns, at training only (0: off)
+    box_loss: float = 0.0
+    # mix pairs of training images and their labels: mixup (blend) or cutmix (paste a patch), by a Beta(mix_alpha,
+    # mix_alpha) share per batch; a lever against shortcuts such as a source's look (see docs/benchmarks.md)
+    mix: str = "none"
+    mix_alpha: float = 1.0
     patience: int = 0  # early stopping after this many epochs without improvement (0: off)
     # selects best.pt among the epochs at the served resolution; balanced accuracy is robust to class imbalance
     monitor: str = "val_balanced_accuracy"
@@ -128,6 +136,10 @@ class TrainConfig:
         _check(self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}.")
         _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}.")
         _check(0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1).")
+        _check(self.box_loss >= 0, "box_loss must be >= 0 (0: off).")
+        _check(self.mix in MIXES, f"mix must be one of {', '.join(MIXES)}.")
+        _check(self.mix_alpha > 0, "mix_alpha must be positive.")
+        _check(self.mix == "none" or not self.box_loss, "mix and box_loss do not combine: a mixed image has no box.")
         _check(self.freeze_epochs >= 0 and self.patience >= 0, "freeze_epochs and patience must be >= 0.")
         _check(self.low_res == 0 or self.low_res >= 32, "low_res must be 0 (off) or at least 32 px.")
         _check(self.cpu_pass_pixels >= 0, "cpu_pass_pixels must be >= 0 (0: off).")

@@ -38,6 +38,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torch.nn import functional as F
 
+from .data.boxes import row_box
 from .data.readers import ImageReadError, read_image
 from .data.transforms import Box, to_model_input
 from .errors import BrainscanError, unknown_choice
@@ -99,7 +100,6 @@ LAYERLESS = {"fullgrad"}  # methods that choose their own layers
 # Layer combinations tuned on a 200-slice subsample (layercam features.3 + features.16: 37.2% there) fell back to
 # 31-37% on the other slices; fullgrad has nothing to tune and held 43.6% on them.
 DEFAULT_METHOD = "fullgrad"
-BOX_COLUMNS = ("box_x_center", "box_y_center", "box_width", "box_height")
 
 
 @dataclass(frozen=True)
@@ -473,14 +473,6 @@ def energy_in_box(cam: np.ndarray, box: Box) -> float:
     return float(cam[box_mask(cam.shape, box)].sum() / total) if total > 0 else 0.0
 
 
-def _row_box(row: Mapping[str, Any]) -> tuple[float, float, float, float] | None:
-    try:
-        values = tuple(float(row[c]) for c in BOX_COLUMNS)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return values if all(math.isfinite(v) for v in values) and values[2] > 0 and values[3] > 0 else None
-
-
 @dataclass
 class BoxedSlices:
     """Prepared tumour slices with their boxes mapped into slice pixels, ready for scoring maps."""
@@ -506,7 +498,7 @@ def load_boxed_slices(
     negative = negative_class(predictor.class_names)
     candidates = []
     for row in rows:
-        box = _row_box(row)
+        box = row_box(row)
         label = row.get("label")
         if box is None or label not in predictor.class_names:
             continue

@@ -20,11 +20,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from .about import DISCLAIMER
 from .config import RunConfig
+from .data.boxes import BOX_COLUMNS, row_box
 from .data.ingest import read_index_rows
 from .data.readers import read_image
 from .evaluate import RunEvaluation, evaluate_run
 from .explain import (
-    BOX_COLUMNS,
     DEFAULT_METHOD,
     Explanation,
     compute_cams,
@@ -355,10 +355,10 @@ def _gradcam(
             Explanation(images[i], cam, label, probability, label, probability, DEFAULT_METHOD, tuple(layers))
         )
         row = index_rows.get(paths[i]) if index_rows else None
-        if row is not None and all(row.get(c) for c in BOX_COLUMNS):
-            pre = run.predictor.preprocess
-            geometry = pre.geometry(read_image(run.split.root / paths[i]))
-            rgb = draw_box(rgb, geometry.yolo_box_to_slice(*(float(row[c]) for c in BOX_COLUMNS)), (255, 255, 255))
+        box = row_box(row) if row is not None else None
+        if box is not None:
+            geometry = run.predictor.preprocess.geometry(read_image(run.split.root / paths[i]))
+            rgb = draw_box(rgb, geometry.yolo_box_to_slice(*box), (255, 255, 255))
         figures.append(
             {
                 "png": array_png_base64(rgb),

@@ -20,12 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from .backends import TorchBackend, fast_backend, forward_batches, resolve_device
+from .box_attention import BoxAttention, box_masks
 from .checkpoint import TRAINING_PRINTS, checkpoint_payload, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
+from .data.boxes import check_has_boxes, data_index, index_boxes, slice_boxes
 from .data.fingerprint import save_fingerprints
 from .data.prepare import SKIPPED_FILE, PreparedData, prepare_data, write_skipped_file
 from .data.splits import write_split_file
-from .data.transforms import BatchAugment, Preprocess, resize_batch, to_model_input
+from .data.transforms import BatchAugment, BatchMix, Preprocess, resize_batch, to_model_input, to_model_input_with_masks
 from .distributed import RankBatches, Ranks, barrier, from_main, gather, same_on_every_rank, start, stop, sync_buffers
 from .distributed import wrap as wrap_distributed
 from .errors import BrainscanError
@@ -83,22 +85,31 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig, int], Any]] =
 
 
 class SliceDataset(Dataset):
-    """Cached ``uint8`` slices → (1×S×S uint8 tensor, label); augmentation happens later, on whole batches.
+    """Cached ``uint8`` slices → (1×S×S uint8 tensor, label[, box]); augmentation happens later, on whole batches.
 
     ``indices`` selects a split without copying the image array (on the 7,023-image set a copy of the training
-    split alone is ~250 MB of resident memory).
+    split alone is ~250 MB of resident memory). ``boxes`` (one row ``x0, y0, x1, y1`` per selected image, in slice
+    pixels, NaN for none) adds each image's tumour box, for the box-attention loss.
     """
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, indices: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        indices: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+    ) -> None:
         self.images = torch.from_numpy(images)
         self.indices = torch.from_numpy(np.arange(len(targets)) if indices is None else np.asarray(indices)).long()
         self.targets = torch.from_numpy(np.asarray(targets)[self.indices.numpy()]).long()
+        self.boxes = torch.from_numpy(boxes).float() if boxes is not None else None
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[self.indices[i]].unsqueeze(0), self.targets[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        item = self.images[self.indices[i]].unsqueeze(0), self.targets[i]
+        return item if self.boxes is None else (*item, self.boxes[i])
 
 
 @dataclass
@@ -171,6 +182,8 @@ class Session:
     augment_rng: torch.Generator
     ranks: Ranks = field(default_factory=Ranks)
     amp: Amp | None = None  # mixed precision of the training passes (None: fp32)
+    attention: BoxAttention | None = None  # the box-attention loss (--box-loss)
+    mix: BatchMix | None = None  # mixup or cutmix (--mix)
     head_inputs: torch.Tensor | None = None  # backbone features of the training images, for head-only epochs
     _wrapped: tuple[tuple[str, ...], nn.Module] | None = None
 
@@ -316,6 +329,8 @@ def check_new_run(config: RunConfig, run_dir: Path, *, overwrite: bool = False) 
     check_output(run_dir, own=lambda name: name == own_index, overwrite=overwrite, wanted=config)
     check_outside_data(run_dir, config)
     check_model_weights(config)
+    if config.train.box_loss:
+        check_has_boxes(data_index(config.data.root, config.data.index), why="--box-loss")
 
 
 def check_model_weights(config: RunConfig) -> None:
@@ -360,7 +375,8 @@ def _set_up(
     model = model.to(device).to(memory_format=torch.channels_last)
     train_idx, val_idx = data.subset("train"), data.subset("val")
     loader_rng = torch.Generator().manual_seed(t.seed)
-    train_set = SliceDataset(data.images, data.targets, train_idx)
+    boxes = _training_boxes(data, train_idx, preprocess, config) if t.box_loss else None
+    train_set = SliceDataset(data.images, data.targets, train_idx, boxes)
     weights = _class_weights(data.targets[train_idx], len(data.class_names))
     sample_weights = weights[data.targets[train_idx]].double() if t.balance == "sampler" else None
     sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=loader_rng) \
@@ -385,6 +401,7 @@ def _set_up(
     )
     optimizer = _build_optimizer(model, spec, t, pretrained)
     scheduler = SCHEDULES[t.schedule](optimizer, t, t.epochs * len(train_loader))
+    attention = BoxAttention(model, spec, t.box_loss) if t.box_loss else None
 
     if ranks.is_main:
         if overwrite and not resumed:
@@ -401,8 +418,27 @@ def _set_up(
         config, run_dir, device, spec, data, model, preprocess, pretrained, train_idx, val_idx, train_loader,
         sample_weights, criterion, optimizer, scheduler, loader_rng,
         BatchAugment(acquisition=t.augment_acquisition) if t.augment else None,
-        torch.Generator().manual_seed(t.seed + 1), ranks, amp,
+        torch.Generator().manual_seed(t.seed + 1), ranks, amp, attention,
+        BatchMix(t.mix, t.mix_alpha) if t.mix != "none" else None,
     )  # fmt: skip
+
+
+def _training_boxes(data: PreparedData, train_idx: np.ndarray, preprocess: Preprocess, config: RunConfig) -> np.ndarray:
+    """The training images' tumour boxes in slice pixels (NaN where an image has none).
+
+    Raises:
+        BrainscanError: no training image has a box.
+    """
+    index = data_index(config.data.root, config.data.index)
+    check_has_boxes(index, why="--box-loss")
+    paths = [data.rows[i]["path"] for i in train_idx]
+    boxes = slice_boxes(data.root, paths, index_boxes(index), preprocess.slice_format)
+    boxed = int(np.isfinite(boxes[:, 0]).sum())
+    if not boxed:
+        raise BrainscanError(f"--box-loss: none of the {len(paths)} training images has a box in {index}.")
+    log.info("Box attention: %d of %d training images have a tumour box (weight %g).", boxed, len(paths),
+             config.train.box_loss)  # fmt: skip
+    return boxes
 
 
 def _restore(s: Session, tracker: Tracker, last: dict[str, Any]) -> int:
@@ -474,6 +510,8 @@ def _fit_epoch(s: Session, epoch: int, *, frozen: bool, size: int, progress: Pro
             generator=s.augment_rng,
             pass_pixels=t.cpu_pass_pixels if s.device.type == "cpu" else 0,
             amp=s.amp,
+            attention=s.attention,
+            mix=s.mix,
             on_batch=advance,
         )
 
@@ -574,6 +612,8 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     pass_pixels: int = 0,
     amp: Amp | None = None,
+    attention: BoxAttention | None = None,
+    mix: BatchMix | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> EpochOutput:
     """One training pass over ``loader``.
@@ -581,20 +621,28 @@ def train_one_epoch(
     ``scheduler`` (stepped per batch) is for per-step schedules; ``frozen_spec`` keeps the backbone's BatchNorm
     statistics fixed during head-only epochs; ``input_size`` resizes batches (progressive resizing); ``augment``
     draws from ``generator``; ``pass_pixels`` (0: off) bounds a forward/backward pass, see
-    :func:`accumulated_step`; ``amp`` sets mixed precision.
+    :func:`accumulated_step`; ``amp`` sets mixed precision; ``attention`` adds the box-attention loss for loaders
+    that yield boxes; ``mix`` mixes each batch with a shuffled copy (drawing from ``generator``).
     """
     model.train()
     if frozen_spec is not None:  # on the model itself, inside a DistributedDataParallel wrapper
         set_backbone_frozen(getattr(model, "module", model), frozen_spec, True)
     total_loss, all_logits, all_targets = 0.0, [], []
-    for images, targets in loader:
+    for images, targets, *boxes in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        x = resize_batch(to_model_input(images, preprocess, augment=augment, generator=generator), input_size)
+        masks = box_masks(boxes[0].to(device), images.shape[-1]) if boxes and attention is not None else None
+        x, masks = to_model_input_with_masks(images, masks, preprocess, augment=augment, generator=generator)
+        mixed = None
+        if mix is not None:
+            x, partner, lam = mix(x, generator)
+            mixed = targets[partner.to(device)], lam
+        x = resize_batch(x, input_size)
         passes = math.ceil(x.shape[0] * x.shape[-1] * x.shape[-2] / pass_pixels) if pass_pixels else 1
         loss, logits = accumulated_step(
-            model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes, amp=amp
-        )
+            model, x, targets, criterion=criterion, optimizer=optimizer, scheduler=scheduler, passes=passes,
+            amp=amp, attention=attention if masks is not None else None, masks=masks, mixed=mixed,
+        )  # fmt: skip
         total_loss += float(loss.detach()) * len(targets)
         all_logits.append(logits.detach().float().cpu())
         all_targets.append(targets.cpu())
@@ -615,30 +663,46 @@ def accumulated_step(
     scheduler: Any = None,
     passes: int = 1,
     amp: Amp | None = None,
+    attention: BoxAttention | None = None,
+    masks: torch.Tensor | None = None,
+    mixed: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch fed through the model in ``passes`` slices; returns (loss, logits).
 
     Activations are held for one slice at a time, so peak memory falls with the slice size. Each slice's loss is
     weighted by its share of the batch (of the class weights, for a weighted loss), so the accumulated gradient is
     the whole batch's; only BatchNorm, which normalises over what it sees, works per slice. Under
-    DistributedDataParallel the gradients are averaged across processes once, after the last slice.
+    DistributedDataParallel the gradients are averaged across processes once, after the last slice. With
+    ``attention``, each slice adds its share of the box-attention loss on ``masks``. ``mixed`` (each image's
+    partner label and the share ``lam`` of its own, from :class:`~brainscan.data.transforms.BatchMix`) weighs the
+    two labels' losses by ``lam`` and ``1 - lam``.
     """
     passes = max(1, min(passes, len(x)))
     weight = getattr(criterion, "weight", None)
-    shares = weight[targets] if weight is not None else torch.ones(len(targets), device=targets.device)
-    total_share = shares.sum()
+    partners, lam = mixed if mixed is not None else (targets, 1.0)
+    shares, partner_shares = (
+        (weight[t] if weight is not None else torch.ones(len(t), device=t.device)) for t in (targets, partners)
+    )
+    total_share, total_partner_share = shares.sum(), partner_shares.sum()
     scaler = amp.scaler if amp is not None else None
     optimizer.zero_grad(set_to_none=True)
     loss_sum, all_logits = torch.zeros((), device=x.device), []
-    slices = zip(x.tensor_split(passes), targets.tensor_split(passes), shares.tensor_split(passes), strict=True)
-    for i, (xs, ys, ws) in enumerate(slices):
+    mask_slices = masks.tensor_split(passes) if masks is not None else [None] * passes
+    slices = zip(*(t.tensor_split(passes) for t in (x, targets, shares, partners, partner_shares)), mask_slices,
+                 strict=True)  # fmt: skip
+    for i, (xs, ys, ws, ps, pws, ms) in enumerate(slices):
         last = i == passes - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        watching = attention.watching() if attention is not None else contextlib.nullcontext()
+        with sync, watching:
             dtype = amp.dtype if amp is not None else torch.float32
             with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=amp is not None):
                 logits = model(xs)
                 loss = criterion(logits.float(), ys) * (ws.sum() / total_share)
+                if mixed is not None:
+                    loss = lam * loss + (1 - lam) * criterion(logits.float(), ps) * (pws.sum() / total_partner_share)
+                if attention is not None and ms is not None:
+                    loss = loss + attention.loss(ms, ys) * (len(ys) / len(targets))
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
         all_logits.append(logits.detach())

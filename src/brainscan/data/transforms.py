@@ -251,6 +251,13 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``x``: float N×C×H×W in [0, 1] → augmented, same shape and range."""
+        return self.transform(x, generator)[0]
+
+    def transform(
+        self, x: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As calling it, and ``masks`` (float N×1×H×W, e.g. tumour boxes) moved by the same flip, rotation,
+        shift and zoom as their images; the random draws are the same with or without masks."""
         n = x.shape[0]
 
         def uniform(low: float, high: float) -> torch.Tensor:
@@ -267,11 +274,13 @@ class BatchAugment:
         )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if masks is not None:
+            masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         bright = uniform(1 - self.brightness, 1 + self.brightness).view(n, 1, 1, 1)
         contrast = uniform(1 - self.contrast, 1 + self.contrast).view(n, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (((x - mean) * contrast + mean) * bright).clamp_(0.0, 1.0)
-        return self.acquire(x, generator) if self.acquisition else x
+        return (self.acquire(x, generator) if self.acquisition else x), masks
 
     @staticmethod
     def acquire(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -304,6 +313,37 @@ class BatchAugment:
         return x
 
 
+@dataclass(frozen=True)
+class BatchMix:
+    """mixup (Zhang et al. 2018: blend two images) or cutmix (Yun et al. 2019: paste a patch of one into the other)
+    over a batch and a shuffled copy of it, with one Beta(``alpha``, ``alpha``) share per batch.
+
+    torchvision.transforms.v2's MixUp and CutMix draw from the global RNG and return soft one-hot labels; here the
+    draws come from the run's generator (a seeded run reproduces) and the caller weighs the two labels' losses by
+    the share, so a class-weighted loss stays as it is without mixing.
+    """
+
+    method: str  # "mixup" or "cutmix"
+    alpha: float = 1.0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``x`` N×C×H×W → (mixed batch, each image's partner index, the share ``lam`` of its own label)."""
+        n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        partner = torch.randperm(n, generator=generator)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        lam = float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
+        other = x[partner.to(x.device)]
+        if self.method == "mixup":
+            return lam * x + (1 - lam) * other, partner, lam
+        cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+        cy, cx = (int(torch.randint(size, (1,), generator=generator)) for size in (h, w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        return x, partner, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the share the patch actually left
+
+
 def resize_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """A model-input batch at ``size`` px (progressive resizing), channels-last; unchanged when already there."""
     if size is None or size == x.shape[-1]:
@@ -320,9 +360,25 @@ def to_model_input(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``uint8`` N×1×H×W → (augmented) normalised float N×C×H×W, channels-last (faster convolutions on CPU)."""
+    return to_model_input_with_masks(batch, None, preprocess, augment=augment, generator=generator)[0]
+
+
+def to_model_input_with_masks(
+    batch: torch.Tensor,
+    masks: torch.Tensor | None,
+    preprocess: Preprocess,
+    *,
+    augment: BatchAugment | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As :func:`to_model_input`, and the images' masks (float N×1×H×W) through the same geometric augmentation."""
     x = batch.float().div_(255.0)
     if augment is not None:
-        x = augment(x, generator)
+        x, masks = augment.transform(x, generator, masks)
+    return _normalised(x, preprocess), masks
+
+
+def _normalised(x: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     if preprocess.channels != x.shape[1]:
         x = x.expand(-1, preprocess.channels, -1, -1)
     mean = torch.tensor(preprocess.mean, device=x.device).view(1, -1, 1, 1)
