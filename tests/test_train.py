@@ -13,6 +13,7 @@ import torch
 
 from brainscan import DataConfig, ModelConfig, Predictor, RunConfig, TrainConfig, evaluate, train
 from brainscan.errors import BrainscanError
+from brainscan.train import SliceDataset, slice_cache
 
 
 def tiny_config(data: Path, out: Path, **train_kwargs) -> RunConfig:
@@ -249,3 +250,12 @@ def test_a_validation_tie_keeps_the_later_epoch(yes_no_folder: Path, tmp_path: P
     result = train(tiny_config(yes_no_folder, tmp_path / "run", epochs=3, lr=1e-12))  # nothing changes: all tie
     assert len({row["val_balanced_accuracy"] for row in result.history}) == 1
     assert result.metrics["best_epoch"] == 3
+
+
+def test_the_slice_cache_stays_in_host_memory_on_a_cpu_without_a_copy() -> None:
+    images = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8)
+    cache = slice_cache(images, torch.device("cpu"))
+    assert cache.data_ptr() == images.ctypes.data  # shared with the decoded array, not a second copy
+    dataset = SliceDataset(cache, np.array([0, 1, 0, 1]), np.array([1, 3]))
+    image, target = dataset[1]
+    assert image.shape == (1, 8, 8) and torch.equal(image[0], torch.from_numpy(images[3])) and target == 1

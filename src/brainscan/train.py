@@ -88,18 +88,19 @@ class SliceDataset(Dataset):
     """Cached ``uint8`` slices → (1×S×S uint8 tensor, label[, box]); augmentation happens later, on whole batches.
 
     ``indices`` selects a split without copying the image array (on the 7,023-image set a copy of the training
-    split alone is ~250 MB of resident memory). ``boxes`` (one row ``x0, y0, x1, y1`` per selected image, in slice
-    pixels, NaN for none) adds each image's tumour box, for the box-attention loss.
+    split alone is ~250 MB of resident memory); ``images`` may be a tensor already on the GPU (:func:`slice_cache`).
+    ``boxes`` (one row ``x0, y0, x1, y1`` per selected image, in slice pixels, NaN for none) adds each image's
+    tumour box, for the box-attention loss.
     """
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: np.ndarray | torch.Tensor,
         targets: np.ndarray,
         indices: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
     ) -> None:
-        self.images = torch.from_numpy(images)
+        self.images = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
         self.indices = torch.from_numpy(np.arange(len(targets)) if indices is None else np.asarray(indices)).long()
         self.targets = torch.from_numpy(np.asarray(targets)[self.indices.numpy()]).long()
         self.boxes = torch.from_numpy(boxes).float() if boxes is not None else None
@@ -376,7 +377,9 @@ def _set_up(
     train_idx, val_idx = data.subset("train"), data.subset("val")
     loader_rng = torch.Generator().manual_seed(t.seed)
     boxes = _training_boxes(data, train_idx, preprocess, config) if t.box_loss else None
-    train_set = SliceDataset(data.images, data.targets, train_idx, boxes)
+    cache = slice_cache(data.images, device)
+    train_set = SliceDataset(cache, data.targets, train_idx, boxes)
+    pin = device.type == "cuda" and cache.device.type == "cpu"  # pinned host memory: faster, asynchronous copies
     weights = _class_weights(data.targets[train_idx], len(data.class_names))
     sample_weights = weights[data.targets[train_idx]].double() if t.balance == "sampler" else None
     sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=loader_rng) \
@@ -385,7 +388,7 @@ def _set_up(
     if ranks.enabled:  # the same seeded order on every rank, each global batch shared out among them
         order = sampler if sampler is not None else RandomSampler(train_set, generator=loader_rng)
         batches = RankBatches(order, t.batch_size, drop_last, ranks)
-        train_loader = DataLoader(train_set, batch_sampler=batches, pin_memory=device.type == "cuda")
+        train_loader = DataLoader(train_set, batch_sampler=batches, pin_memory=pin)
     else:
         train_loader = DataLoader(
             train_set,
@@ -394,7 +397,7 @@ def _set_up(
             sampler=sampler,
             generator=loader_rng,
             drop_last=drop_last,
-            pin_memory=device.type == "cuda",
+            pin_memory=pin,
         )
     criterion = nn.CrossEntropyLoss(
         weight=weights.to(device) if t.balance == "loss" else None, label_smoothing=t.label_smoothing
@@ -421,6 +424,21 @@ def _set_up(
         torch.Generator().manual_seed(t.seed + 1), ranks, amp, attention,
         BatchMix(t.mix, t.mix_alpha) if t.mix != "none" else None,
     )  # fmt: skip
+
+
+def slice_cache(images: np.ndarray, device: torch.device, *, share: float = 0.25) -> torch.Tensor:
+    """The ``uint8`` slices the training batches are drawn from: on a CUDA device when they take at most ``share``
+    of its free memory (no host-to-device copy per batch; augmentation then runs there too), else in host memory
+    (shared with ``images``, not copied)."""
+    cache = torch.from_numpy(images)
+    if device.type != "cuda":
+        return cache
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.nbytes > share * free:
+        log.info("Slice cache in host memory: %.1f GB is over %d%% of the GPU's free memory.", images.nbytes / 1e9,
+                 round(share * 100))  # fmt: skip
+        return cache
+    return cache.to(device)
 
 
 def _training_boxes(data: PreparedData, train_idx: np.ndarray, preprocess: Preprocess, config: RunConfig) -> np.ndarray:
