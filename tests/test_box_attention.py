@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig, train
 from brainscan.box_attention import BoxAttention, box_masks
+from brainscan.cli import app
 from brainscan.data.transforms import BatchAugment
 from brainscan.errors import BrainscanError
 from brainscan.explain import box_mask, localization_scores
@@ -130,3 +132,11 @@ def test_box_attention_refuses_a_layer_that_does_not_feed_the_classifier() -> No
     spec = dataclasses.replace(get_spec("cnn"), cam_layers=("features.3",))
     with pytest.raises(BrainscanError, match="features.3 gives 128 channels"):
         BoxAttention(create_model("cnn", 2), spec, weight=1.0)
+
+
+def test_box_loss_and_mixing_are_refused_together_in_the_flags_words(yes_no_folder: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(yes_no_folder), "--model", "cnn", "--box-loss", "1", "--mix", "cutmix"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert "--box-loss and --mix do not combine" in result.output
+    assert not (tmp_path / "run").exists()

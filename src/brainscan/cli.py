@@ -283,6 +283,7 @@ FLAG_PHRASES = {field: "--" + name.replace("_", "-") for name, (_, field, _) in 
     "val/test fractions": "--val-fraction/--test-fraction",
     "val + test fractions": "--val-fraction + --test-fraction",
     "freeze_epochs and patience": "--freeze-epochs and --patience",
+    "box_loss and mix": "--box-loss and --mix",
 }
 
 

@@ -139,7 +139,7 @@ class TrainConfig:
         _check(self.box_loss >= 0, "box_loss must be >= 0 (0: off).")
         _check(self.mix in MIXES, f"mix must be one of {', '.join(MIXES)}.")
         _check(self.mix_alpha > 0, "mix_alpha must be positive.")
-        _check(self.mix == "none" or not self.box_loss, "mix and box_loss do not combine: a mixed image has no box.")
+        _check(self.mix == "none" or not self.box_loss, "box_loss and mix do not combine: a mixed image has no box.")
         _check(self.freeze_epochs >= 0 and self.patience >= 0, "freeze_epochs and patience must be >= 0.")
         _check(self.low_res == 0 or self.low_res >= 32, "low_res must be 0 (off) or at least 32 px.")
         _check(self.cpu_pass_pixels >= 0, "cpu_pass_pixels must be >= 0 (0: off).")
