@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from brainscan.data.boxes import BOX_COLUMNS, row_box
 from brainscan.data.duplicates import fingerprint_files, group_fingerprints
 from brainscan.data.fingerprint import Fingerprint, dihedral, load_fingerprints, save_fingerprints
 from brainscan.data.ingest import file_sha1, scan_dataset
@@ -65,7 +66,7 @@ from brainscan.files import write_csv, write_text
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 FOURCLASS, FIGSHARE = DATA / "brain-tumor-mri-4class", DATA / "figshare-cheng"
-COLUMNS = ("path", "label", "split", "box_x_center", "box_y_center", "box_width", "box_height")
+COLUMNS = ("path", "label", "split", *BOX_COLUMNS)
 WORKERS = 2
 SIZE = 64  # side of the square both images are resized to before correlating
 MIN_CORRELATION = 0.99  # Pearson correlation of the best dihedral variant and the copy (right >= 0.9997, wrong <= 0.98)
@@ -116,12 +117,6 @@ def iou(a: Box, b: Box) -> float:
     inter = ix * iy
     union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union > 0 else 0.0
-
-
-def row_box(row: dict[str, str]) -> Box:
-    """The YOLO box of a Figshare index row."""
-    x, y, w, h = (float(row[c]) for c in COLUMNS[3:])
-    return x, y, w, h
 
 
 def fourclass_files() -> list[tuple[str, str, str]]:
@@ -236,6 +231,8 @@ def build(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[dic
             return "several_figshare_slices", {}
         row = fig[found[0]]
         box = row_box(row)
+        if box is None:
+            return "figshare_slice_without_box", {}
         rel = relate(read_image(FIGSHARE / row["path"]), read_image(FOURCLASS / path), box)
         info = {
             "figshare": row["path"],
@@ -309,12 +306,10 @@ def draw_check(pairs: list[dict[str, Any]], png: Path, n: int = 12, seed: int = 
     fig = {r["path"]: r for r in figshare_rows()}
     for i, p in enumerate(picks):
         ox, oy = (i % 4) * 2 * tile, (i // 4) * (tile + 16)
-        original = fig[p["figshare"]]
+        original_box = row_box(fig[p["figshare"]])  # a boxed pair's original has its box: build() checked
+        assert original_box is not None
         for j, (file, box, colour) in enumerate(
-            (
-                (FOURCLASS / p["path"], p["box"], "red"),
-                (FIGSHARE / p["figshare"], row_box(original), "lime"),
-            )
+            ((FOURCLASS / p["path"], p["box"], "red"), (FIGSHARE / p["figshare"], original_box, "lime"))
         ):
             img = Image.fromarray(read_image(file)).convert("RGB").resize((tile, tile))
             x, y, w, h = box
