@@ -16,8 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from .checkpoint import RUN_FILES
 from .config import DataConfig, RunConfig
-from .data.boxes import check_has_boxes, data_index
-from .data.ingest import read_index_rows
+from .data.boxes import check_has_boxes
+from .data.ingest import find_index, read_index_rows
 from .data.prepare import SKIPPED_FILE, DecodedData, check_confounding, read_dataset, write_skipped_file
 from .data.splits import assign_splits, effective_groups
 from .distributed import from_environment
@@ -218,7 +218,7 @@ def _check_cv(config: RunConfig, folds: int) -> RunConfig:
     if config.data.final:
         raise BrainscanError("A final model (--final) has no test split: cross-validate first, then train --final.")
     if config.train.box_loss:
-        check_has_boxes(data_index(config.data.root, config.data.index), why="--box-loss")
+        check_has_boxes(find_index(config.data.root, config.data.index), why="--box-loss")
     return config.resolved()
 
 

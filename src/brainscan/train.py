@@ -23,8 +23,9 @@ from .backends import TorchBackend, fast_backend, forward_batches, resolve_devic
 from .box_attention import BoxAttention, box_masks
 from .checkpoint import TRAINING_PRINTS, checkpoint_payload, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig
-from .data.boxes import check_has_boxes, data_index, index_boxes, slice_boxes
+from .data.boxes import check_has_boxes, index_boxes, slice_boxes
 from .data.fingerprint import save_fingerprints
+from .data.ingest import find_index
 from .data.prepare import SKIPPED_FILE, PreparedData, prepare_data, write_skipped_file
 from .data.splits import write_split_file
 from .data.transforms import BatchAugment, BatchMix, Preprocess, resize_batch, to_model_input, to_model_input_with_masks
@@ -331,7 +332,7 @@ def check_new_run(config: RunConfig, run_dir: Path, *, overwrite: bool = False) 
     check_outside_data(run_dir, config)
     check_model_weights(config)
     if config.train.box_loss:
-        check_has_boxes(data_index(config.data.root, config.data.index), why="--box-loss")
+        check_has_boxes(find_index(config.data.root, config.data.index), why="--box-loss")
 
 
 def check_model_weights(config: RunConfig) -> None:
@@ -447,7 +448,7 @@ def _training_boxes(data: PreparedData, train_idx: np.ndarray, preprocess: Prepr
     Raises:
         BrainscanError: no training image has a box.
     """
-    index = data_index(config.data.root, config.data.index)
+    index = find_index(config.data.root, config.data.index)
     check_has_boxes(index, why="--box-loss")
     paths = [data.rows[i]["path"] for i in train_idx]
     boxes = slice_boxes(data.root, paths, index_boxes(index), preprocess.slice_format)

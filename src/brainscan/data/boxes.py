@@ -29,16 +29,6 @@ def row_box(row: Mapping[str, Any]) -> YoloBox | None:
     return values if all(math.isfinite(v) for v in values) and values[2] > 0 and values[3] > 0 else None  # type: ignore[return-value]
 
 
-def data_index(root: str | Path | None, index: str | Path | None) -> Path | None:
-    """The index CSV a dataset is read from (``--index``, or ``index.csv`` in the data folder), if any."""
-    if index is not None:
-        return Path(index)
-    if root is not None and Path(root).suffix.lower() == ".csv":
-        return Path(root)
-    candidate = Path(root) / "index.csv" if root is not None else None
-    return candidate if candidate is not None and candidate.is_file() else None
-
-
 def check_has_boxes(index: Path | None, *, why: str) -> None:
     """Refuse, before any image is read, a dataset whose index cannot give tumour boxes.
 

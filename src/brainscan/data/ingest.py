@@ -100,12 +100,11 @@ def scan_dataset(
         >>> ds.layout, ds.class_names
         ('class-folders', ['no', 'yes'])
     """
-    if index is None and root is not None and Path(root).suffix.lower() == ".csv" and Path(root).is_file():
-        index, root = Path(root), None  # an index given where a folder was expected: its paths are CSV-relative
-    if index is None and root is not None and (Path(root) / "index.csv").is_file():
-        index = Path(root) / "index.csv"
-    if index is not None:
-        return _scan_index(Path(index), Path(root) if root else None, group_column)
+    found = find_index(root, index)
+    if found is not None:
+        # an index given where a folder was expected: its paths are relative to the CSV
+        base = None if root is None or (index is None and Path(root) == found) else Path(root)
+        return _scan_index(found, base, group_column)
     if root is None:
         raise BrainscanError("Give a data folder or an index CSV.")
     root = Path(root)
@@ -132,6 +131,19 @@ def scan_dataset(
     if not records:
         raise BrainscanError(f"{root}: found no images ({len(skipped)} other files).")
     return Dataset(root, layout, records, sorted({r.label for r in records}), skipped)
+
+
+def find_index(root: str | Path | None, index: str | Path | None) -> Path | None:
+    """The index CSV a dataset is read from: ``index``, ``root`` itself when it is a CSV file, or ``index.csv`` in
+    the folder ``root``; None for a folder layout."""
+    if index is not None:
+        return Path(index)
+    if root is None:
+        return None
+    root = Path(root)
+    if root.suffix.lower() == ".csv" and root.is_file():
+        return root
+    return root / "index.csv" if (root / "index.csv").is_file() else None
 
 
 def _scan_class_folders(root: Path, parent: Path, split: str | None) -> tuple[list[Record], list[tuple[str, str]]]:
