@@ -42,6 +42,7 @@ from .config import (
 )
 from .console import deferred_progress, screen_progress, setup_logging
 from .errors import BrainscanError, describe_error, display_path, unknown_choice
+from .tracking import TrackingConfig, track_training
 
 T, D = TrainConfig, DataConfig  # option defaults come from the config, the one place they are defined
 
@@ -478,7 +479,6 @@ def train(
 ) -> None:
     """Train a classifier and write a run directory (config, split, history, checkpoints, metrics, plots)."""
     from .distributed import from_environment
-    from .tracking import TrackingConfig, track_training
     from .train import train as run_train
 
     if resume and overwrite:
@@ -573,7 +573,6 @@ def cv(
 ) -> None:
     """Cross-validate: one run per fold, test = that fold; prints the protocol and mean ± std."""
     from .cv import SUMMARY_METRICS, collect_folds, cross_validate, train_fold
-    from .tracking import TrackingConfig
 
     if fold is not None and collect:
         raise BrainscanError("--fold trains one fold, --collect merges the finished ones: give one of them.")
