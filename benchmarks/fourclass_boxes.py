@@ -12,8 +12,7 @@ How a box is found:
 
 1. **Which slice.** Figshare and 4-class files are fingerprinted and grouped by brainscan's duplicate matcher
    (:mod:`brainscan.data.duplicates`: exact, pixel and near copies, the latter under any of the 8 flips/rotations);
-   a 4-class image whose group holds exactly one Figshare slice is that slice's candidate copy. The fingerprints
-   are cached beside the output (``fingerprints.npz`` and ``.json``) and reused while every file's sha1 matches.
+   a 4-class image whose group holds exactly one Figshare slice is that slice's candidate copy.
 2. **Which transform.** The matcher compares thumbnails cut around each head, so it says *that* two images are
    copies, not how their full frames relate. The Figshare slice in each dihedral variant ``t``
    (:func:`brainscan.data.fingerprint.dihedral`) whose shape has the copy's aspect ratio (whole-image rescale
@@ -47,7 +46,6 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +56,10 @@ from PIL import Image, ImageDraw
 
 from brainscan.data.boxes import BOX_COLUMNS, row_box
 from brainscan.data.duplicates import fingerprint_files, group_fingerprints
-from brainscan.data.fingerprint import Fingerprint, dihedral, load_fingerprints, save_fingerprints
-from brainscan.data.ingest import file_sha1, scan_dataset
+from brainscan.data.fingerprint import dihedral
+from brainscan.data.ingest import scan_dataset
 from brainscan.data.readers import read_image
-from brainscan.files import write_csv, write_text
+from brainscan.files import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -130,33 +128,6 @@ def figshare_rows() -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def cached_fingerprints(paths: Sequence[Path], cache: Path) -> list[Fingerprint | str]:
-    """:func:`fingerprint_files` of ``paths``, reused from ``cache`` (``.npz`` + ``.json``) while every sha1 holds."""
-    meta_path = cache.with_suffix(".json")
-    names = [str(p) for p in paths]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        sha1s = list(pool.map(lambda p: file_sha1(p) if p.is_file() else "", paths))
-    if cache.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            prints = load_fingerprints(cache)
-            if meta["paths"] == names and meta["sha1"] == sha1s:
-                loaded = iter(prints)
-                errors = {int(k): v for k, v in meta["unreadable"].items()}
-                return [errors[i] if i in errors else next(loaded) for i in range(len(paths))]
-        except (ValueError, KeyError, OSError, json.JSONDecodeError, StopIteration):
-            pass
-    started = time.time()
-    print(f"fingerprinting {len(paths)} files ({WORKERS} threads)...", file=sys.stderr)
-    result = fingerprint_files(paths, workers=WORKERS)
-    print(f"  {(time.time() - started) / 60:.1f} min", file=sys.stderr)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_fingerprints(cache, [f for f in result if isinstance(f, Fingerprint)])
-    unreadable = {str(i): f for i, f in enumerate(result) if isinstance(f, str)}
-    write_text(meta_path, json.dumps({"paths": names, "sha1": sha1s, "unreadable": unreadable}))
-    return result
-
-
 def small(gray: np.ndarray) -> np.ndarray:
     """``SIZE``×``SIZE`` float32, zero mean and unit variance (all zeros when flat)."""
     a = np.asarray(Image.fromarray(gray).resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
@@ -192,10 +163,10 @@ def relate(original: np.ndarray, copy: np.ndarray, box: Box) -> Relation:
     return Relation(best, scores[best], scores[best] - max(rivals) if rivals else float("inf"))
 
 
-def match_pairs(files: list[tuple[str, str, str]], fig: list[dict[str, str]], out_dir: Path) -> dict[int, Any]:
+def match_pairs(files: list[tuple[str, str, str]], fig: list[dict[str, str]]) -> dict[int, Any]:
     """For each 4-class image (by position): the Figshare row positions in its duplicate group."""
     paths = [FIGSHARE / r["path"] for r in fig] + [FOURCLASS / p for p, _, _ in files]
-    prints = cached_fingerprints(paths, out_dir / "fingerprints.npz")
+    prints = fingerprint_files(paths, workers=WORKERS)
     groups = group_fingerprints(prints)
     n_fig = len(fig)
     fig_by_group: dict[int, list[int]] = defaultdict(list)
@@ -212,11 +183,11 @@ def match_pairs(files: list[tuple[str, str, str]], fig: list[dict[str, str]], ou
     return out
 
 
-def build(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+def build() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """Rows of the index, counts, and one record per verified pair (for the check image and the statistics)."""
     files = fourclass_files()
     fig = figshare_rows()
-    matches = match_pairs(files, fig, out_dir)
+    matches = match_pairs(files, fig)
 
     def verify(k: int) -> tuple[str, dict[str, Any]]:
         path, label, _ = files[k]
@@ -335,7 +306,7 @@ def write_fourclass_index(out_csv: Path, *, overwrite: bool = False, check_png: 
     started = time.time()
     self_check()
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    rows, counts, pairs = build(out_csv.parent)
+    rows, counts, pairs = build()
     write_csv(out_csv, COLUMNS, rows)
     pair_columns = ("path", "label", "split", "figshare", "figshare_label", "t", "correlation", "margin", "outcome")
     write_csv(
