@@ -13,8 +13,8 @@ Parts (each trains with brainscan's defaults, MobileNetV2 from the shared ImageN
   asked about the yes/no set minus copies of its train/val images: ``fourclass_to_yesno_sensitivity`` (share of
   ``yes`` slices whose most probable class is a tumour class), the same at the stored operating point, and the
   internal ``fourclass_test_accuracy`` raw and de-leaked. ``--fourclass-boxes`` reads the same images and split
-  from an index that gives each Figshare copy its tumour box (``fourclass_boxes.py``), for ``--set
-  train.box_loss=W``.
+  from an index that gives each Figshare copy its tumour box and every image its source, Figshare or other
+  (``fourclass_boxes.py``), for ``--set train.box_loss=W`` or ``--set train.balance=source``.
 * ``confound``: the audit's label–source confound score on the 4-class set and on Figshare.
 
 Figshare is not external to the 4-class set (its tumour images are Figshare slices), so it is not used as such.
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument(
         "--fourclass-boxes",
         action="store_true",
-        help="train the fourclass part from an index whose Figshare copies carry tumour boxes (for train.box_loss)",
+        help="train the fourclass part from an index with tumour boxes and sources (box_loss, balance=source)",
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()

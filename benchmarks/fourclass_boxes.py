@@ -3,10 +3,11 @@
     python benchmarks/fourclass_boxes.py --out runs/fourclass-boxes/index.csv [--overwrite] [--check-png FILE]
 
 Writes an index CSV over every image of ``../shared/data/brain-tumor-mri-4class`` (``Training/`` → split ``train``,
-``Testing/`` → ``test``) with columns ``path,label,split,box_x_center,box_y_center,box_width,box_height``: ``path``
-relative to the 4-class folder, ``label`` its class folder, the box (YOLO convention, normalised to [0,1]) where the
-image is a verified copy of a Figshare slice, else empty. Train on it with ``--data`` the 4-class folder and the CSV
-as its index.
+``Testing/`` → ``test``) with columns ``path,label,split,box_x_center,box_y_center,box_width,box_height,source``:
+``path`` relative to the 4-class folder, ``label`` its class folder, the box (YOLO convention, normalised to [0,1])
+where the image is a verified copy of a Figshare slice, else empty, and ``source`` ``figshare`` for every copy of a
+Figshare slice (boxed or not), else ``other`` (Br35H's ``notumor`` images and the tumour images from elsewhere). Train
+on it with ``--data`` the 4-class folder and the CSV as its index (``--balance source`` reads ``source``).
 
 How a box is found:
 
@@ -64,7 +65,8 @@ from brainscan.files import write_csv
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 FOURCLASS, FIGSHARE = DATA / "brain-tumor-mri-4class", DATA / "figshare-cheng"
-COLUMNS = ("path", "label", "split", *BOX_COLUMNS)
+COLUMNS = ("path", "label", "split", *BOX_COLUMNS, "source")
+NOT_FIGSHARE = ("unreadable", "notumor", "no_figshare_copy")  # outcomes of images with no Figshare copy
 WORKERS = 2
 SIZE = 64  # side of the square both images are resized to before correlating
 MIN_CORRELATION = 0.99  # Pearson correlation of the best dihedral variant and the copy (right >= 0.9997, wrong <= 0.98)
@@ -227,12 +229,13 @@ def build() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]
     counts: dict[str, Any] = {}
     pairs: list[dict[str, Any]] = []
     for (path, label, split), (outcome, info) in zip(files, results, strict=True):
-        row: dict[str, Any] = {"path": path, "label": label, "split": split}
+        source = "other" if outcome in NOT_FIGSHARE else "figshare"
+        row: dict[str, Any] = {"path": path, "label": label, "split": split, "source": source}
         per = counts.setdefault(split, {}).setdefault(label, Counter())
         per["images"] += 1
         per[outcome] += 1
         if outcome == "boxed":
-            row |= dict(zip(COLUMNS[3:], (f"{v:.4f}" for v in info["box"]), strict=True))
+            row |= dict(zip(BOX_COLUMNS, (f"{v:.4f}" for v in info["box"]), strict=True))
             if info["figshare_label"] != label:
                 per["boxed_label_differs"] += 1
         if info:

@@ -158,7 +158,13 @@ NoFeatureCache = Annotated[
 ]
 Patience = Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")]
 Monitor = Annotated[str, typer.Option(help="Selects best.pt: " + ", ".join(MONITORS) + ".")]
-Balance = Annotated[str, typer.Option(help="Class imbalance: " + ", ".join(BALANCE) + ".")]
+Balance = Annotated[
+    str,
+    typer.Option(
+        help="Imbalance: loss (class-weighted loss), sampler (draws balanced by class), source (by class, then by the "
+        "index's source column within a class: for data from several sources), none."
+    ),
+]
 Log = Annotated[
     str | None,
     typer.Option(

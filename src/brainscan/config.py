@@ -14,7 +14,7 @@ from .files import write_text
 
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "onecycle", "plateau", "none")
-BALANCE = ("none", "sampler", "loss")
+BALANCE = ("none", "sampler", "loss", "source")
 MIXES = ("none", "mixup", "cutmix")
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 # auto: bf16 autocast on CUDA (fp16 with a gradient scaler where the GPU lacks bf16), fp32 on a CPU
@@ -116,7 +116,9 @@ class TrainConfig:
     # selects best.pt among the epochs at the served resolution; balanced accuracy is robust to class imbalance
     monitor: str = "val_balanced_accuracy"
     target_sensitivity: float | None = None  # tumour decision threshold for this sensitivity on val (None: Youden's J)
-    balance: str = "loss"  # class-weighted loss: the datasets here are imbalanced (fold 1: 0.935 vs 0.928 plain)
+    # loss: class-weighted loss, the datasets here are imbalanced (fold 1: 0.935 vs 0.928 plain); sampler: draws
+    # balanced by class; source: draws balanced by class, then by the index's source column within each class
+    balance: str = "loss"
     augment: bool = True
     # also simulate other scanners and exports (resolution, blur/sharpen, gamma, noise, JPEG quality): for models
     # meant for data from elsewhere

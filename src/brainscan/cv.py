@@ -16,8 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from .checkpoint import RUN_FILES
 from .config import DataConfig, RunConfig
-from .data.boxes import check_has_boxes
-from .data.ingest import find_index, read_index_rows
+from .data.ingest import read_index_rows
 from .data.prepare import SKIPPED_FILE, DecodedData, check_confounding, read_dataset, write_skipped_file
 from .data.splits import assign_splits, effective_groups
 from .distributed import from_environment
@@ -36,7 +35,7 @@ from .rundir import (
     recorded_config,
 )
 from .tracking import NO_TRACKING, TrackingConfig, track_training
-from .train import check_model_weights, train
+from .train import check_index_columns, check_model_weights, train
 
 log = logging.getLogger(__name__)
 FOLD_INDEX = "fold-index.csv"
@@ -217,8 +216,7 @@ def _check_cv(config: RunConfig, folds: int) -> RunConfig:
         raise BrainscanError("--folds must be at least 2.")
     if config.data.final:
         raise BrainscanError("A final model (--final) has no test split: cross-validate first, then train --final.")
-    if config.train.box_loss:
-        check_has_boxes(find_index(config.data.root, config.data.index), why="--box-loss")
+    check_index_columns(config)
     return config.resolved()
 
 

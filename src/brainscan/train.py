@@ -27,6 +27,7 @@ from .data.boxes import check_has_boxes, index_boxes, slice_boxes
 from .data.fingerprint import save_fingerprints
 from .data.ingest import find_index
 from .data.prepare import SKIPPED_FILE, PreparedData, prepare_data, write_skipped_file
+from .data.sources import check_has_sources, index_sources, source_balanced_weights
 from .data.splits import write_split_file
 from .data.transforms import BatchAugment, BatchMix, Preprocess, resize_batch, to_model_input, to_model_input_with_masks
 from .distributed import RankBatches, Ranks, barrier, from_main, gather, same_on_every_rank, start, stop, sync_buffers
@@ -331,8 +332,17 @@ def check_new_run(config: RunConfig, run_dir: Path, *, overwrite: bool = False) 
     check_output(run_dir, own=lambda name: name == own_index, overwrite=overwrite, wanted=config)
     check_outside_data(run_dir, config)
     check_model_weights(config)
+    check_index_columns(config)
+
+
+def check_index_columns(config: RunConfig) -> None:
+    """The index CSV has the columns the training options read: tumour boxes for ``--box-loss``, sources for
+    ``--balance source`` (checked before any image is read)."""
+    index = find_index(config.data.root, config.data.index)
     if config.train.box_loss:
-        check_has_boxes(find_index(config.data.root, config.data.index), why="--box-loss")
+        check_has_boxes(index, why="--box-loss")
+    if config.train.balance == "source":
+        check_has_sources(index, why="--balance source")
 
 
 def check_model_weights(config: RunConfig) -> None:
@@ -382,7 +392,7 @@ def _set_up(
     train_set = SliceDataset(cache, data.targets, train_idx, boxes)
     pin = device.type == "cuda" and cache.device.type == "cpu"  # pinned host memory: faster, asynchronous copies
     weights = _class_weights(data.targets[train_idx], len(data.class_names))
-    sample_weights = weights[data.targets[train_idx]].double() if t.balance == "sampler" else None
+    sample_weights = _sample_weights(data, train_idx, weights, config)
     sampler = WeightedRandomSampler(sample_weights, len(train_idx), replacement=True, generator=loader_rng) \
         if sample_weights is not None else None  # fmt: skip
     drop_last = len(train_idx) > t.batch_size
@@ -458,6 +468,25 @@ def _training_boxes(data: PreparedData, train_idx: np.ndarray, preprocess: Prepr
     log.info("Box attention: %d of %d training images have a tumour box (weight %g).", boxed, len(paths),
              config.train.box_loss)  # fmt: skip
     return boxes
+
+
+def _sample_weights(
+    data: PreparedData, train_idx: np.ndarray, class_weights: torch.Tensor, config: RunConfig
+) -> torch.Tensor | None:
+    """Per training image, its weight in the sampler's draws (None: no sampler, each epoch a permutation)."""
+    if config.train.balance == "sampler":
+        return class_weights[data.targets[train_idx]].double()
+    if config.train.balance != "source":
+        return None
+    index = find_index(config.data.root, config.data.index)
+    check_has_sources(index, why="--balance source")
+    sources = index_sources(index, [data.rows[i]["path"] for i in train_idx])
+    weights, cells = source_balanced_weights(data.targets[train_idx], sources)
+    log.info("Draws balanced by class, then by source within each class: %s.", "; ".join(
+        f"{name} " + ", ".join(f"{src} {n:,}" for (c, src), n in sorted(cells.items()) if c == k)
+        for k, name in enumerate(data.class_names) if any(c == k for c, _ in cells)
+    ))  # fmt: skip
+    return torch.from_numpy(weights)
 
 
 def _restore(s: Session, tracker: Tracker, last: dict[str, Any]) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BrainscanError, display_path
-from .ingest import read_index_rows
+from .ingest import read_index_rows, require_index_columns
 from .readers import ImageReadError, read_image
 from .transforms import SliceFormat
 
@@ -35,10 +35,7 @@ def check_has_boxes(index: Path | None, *, why: str) -> None:
     Raises:
         BrainscanError: no index CSV, or one without the box columns.
     """
-    columns = read_index_rows(index)[0] if index is not None and index.is_file() else None
-    if columns is None or not set(BOX_COLUMNS) <= set(columns):
-        where = f"{display_path(index)} has no" if columns is not None else "it needs an index CSV (--index) with"
-        raise BrainscanError(f"{why} needs tumour boxes: {where} columns {', '.join(BOX_COLUMNS)}.")
+    require_index_columns(index, BOX_COLUMNS, why=why, what="tumour boxes")
 
 
 def slice_boxes(

@@ -216,6 +216,20 @@ def read_index_rows(index: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
         return columns, {posixpath.normpath(row["path"]): row for row in reader if row.get("path")}
 
 
+def require_index_columns(index: Path | None, columns: Sequence[str], *, why: str, what: str) -> None:
+    """Refuse, before any image is read, a dataset whose index CSV lacks ``columns`` (``why`` names the option that
+    needs them, ``what`` what they give).
+
+    Raises:
+        BrainscanError: no index CSV, or one without those columns.
+    """
+    present = read_index_rows(index)[0] if index is not None and index.is_file() else None
+    if present is None or not set(columns) <= set(present):
+        where = f"{display_path(index)} has no" if present is not None else "it needs an index CSV (--index) with"
+        noun = "column" if len(columns) == 1 else "columns"
+        raise BrainscanError(f"{why} needs {what}: {where} {noun} {', '.join(columns)}.")
+
+
 def _text_encoding(path: Path) -> str:
     """UTF-16 when the file starts with its byte-order mark, else UTF-8 with or without one (Excel writes one)."""
     with path.open("rb") as f:
