@@ -29,7 +29,7 @@ def check_has_sources(index: Path | None, *, why: str) -> None:
 def index_sources(index: Path, paths: Sequence[str]) -> list[str]:
     """The source of each path (as the index lists it), :data:`UNSPECIFIED` where its cell is empty."""
     rows = read_index_rows(index)[1]
-    return [(rows[posixpath.normpath(p)].get(SOURCE_COLUMN) or "").strip() or UNSPECIFIED for p in paths]
+    return [(rows.get(posixpath.normpath(p), {}).get(SOURCE_COLUMN) or "").strip() or UNSPECIFIED for p in paths]
 
 
 def source_balanced_weights(targets: np.ndarray, sources: Sequence[str]) -> tuple[np.ndarray, Counter]:
