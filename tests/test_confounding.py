@@ -133,7 +133,7 @@ def test_the_warning_names_the_flagged_class_and_what_to_do(tmp_path: Path) -> N
     assert report.flagged_classes == ("notumor",)
     assert {p.name for p in report.flagged_pairs} == {"glioma × notumor", "meningioma × notumor"}
     warning = confound_warning(report)
-    assert warning and "notumor" in warning and "brainscan evaluate --data" in warning
+    assert warning and "notumor" in warning and "brainscan evaluate --data" in warning and "--balance source" in warning
     assert "FLAGGED" in report.headline() and "notumor" in report.headline()
 
 

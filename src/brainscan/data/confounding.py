@@ -478,7 +478,8 @@ def confound_warning(report: ConfoundReport) -> str | None:
         "and a model can learn the source instead of the tumour: accuracy on a test split of this dataset can then "
         "overstate how well it recognises tumours. "
         "Collect every class from the same sources (e.g. negatives from the same scanners as the tumours), "
-        "standardise the files (size, format, compression), evaluate on an external dataset "
+        "standardise the files (size, format, compression), balance the training draws across sources where an "
+        "index names each image's (--balance source), evaluate on an external dataset "
         "(brainscan evaluate --data OTHER), and report the confound with any result."
     )
 
