@@ -45,6 +45,22 @@ def synthetic_slice(label: str, rng: np.random.Generator, size: int = 48) -> np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def cued_slice(
+    rng: np.random.Generator, *, tumour: float = 0.0, mark: int = 0
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """A 64×64 plain head on black; with ``tumour``, a round tumour (radius 5) that many grey levels brighter, whose
+    centre ``(y, x)`` is returned; with ``mark``, a white ``mark``×``mark`` square in the top-left corner: a cue that
+    can predict the label as well as the tumour does, as a source's look can."""
+    yy, xx = np.mgrid[:64, :64]
+    img = (90 + rng.normal(0, 8, (64, 64))) * ((((yy - 32) / 24) ** 2 + ((xx - 32) / 22) ** 2) < 1)
+    centre = None
+    if tumour:
+        cy, cx = centre = tuple(rng.uniform(22, 42, 2))
+        img += tumour * (((yy - cy) ** 2 + (xx - cx) ** 2) < 25)
+    img[:mark, :mark] = 255
+    return np.clip(img, 0, 255).astype(np.uint8), centre
+
+
 def write_class_folders(root: Path, counts: dict[str, int], *, seed: int = 0, size: int = 48) -> Path:
     rng = np.random.default_rng(seed)
     for label, n in counts.items():

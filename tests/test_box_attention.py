@@ -21,6 +21,8 @@ from brainscan.explain import box_mask, localization_scores
 from brainscan.models import create_model, get_spec
 from brainscan.predict import Predictor
 
+from .conftest import cued_slice
+
 SIZE = 64
 
 
@@ -28,21 +30,18 @@ def boxed_dataset(root: Path, per_class: int = 50, seed: int = 0) -> Path:
     """Heads on black; each ``yes`` slice has a bright round 'tumour' with its box in ``index.csv``, and also a white
     corner mark, a cue that predicts the label as well as the tumour does (as a source's look can)."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
     rows = []
     for label in ("yes", "no"):
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = (90 + rng.normal(0, 8, (SIZE, SIZE))) * ((((yy - 32) / 24) ** 2 + ((xx - 32) / 22) ** 2) < 1)
+            img, centre = cued_slice(rng, tumour=120, mark=4) if label == "yes" else cued_slice(rng)
             box = {"box_x_center": "", "box_y_center": "", "box_width": "", "box_height": ""}
-            if label == "yes":
-                cy, cx = rng.uniform(22, 42, 2)
-                img += 120 * (((yy - cy) ** 2 + (xx - cx) ** 2) < 25)
-                img[:4, :4] = 255
+            if centre is not None:
+                cy, cx = centre
                 box = {"box_x_center": cx / SIZE, "box_y_center": cy / SIZE, "box_width": 10 / SIZE,
                        "box_height": 10 / SIZE}  # fmt: skip
             path = f"{label}/{i:03d}.png"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / path)
+            Image.fromarray(img).save(root / path)
             rows.append({"path": path, "label": label, **box})
     with (root / "index.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

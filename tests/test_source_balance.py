@@ -17,6 +17,8 @@ from brainscan.data.sources import UNSPECIFIED, index_sources, source_balanced_w
 from brainscan.errors import BrainscanError
 from brainscan.predict import Predictor
 
+from .conftest import cued_slice
+
 SIZE = 64
 TUMOUR = 40  # the tumour's brightness over the head: faint, so the source's mark is the easier cue
 
@@ -46,19 +48,13 @@ def two_source_dataset(root: Path, parts: tuple[tuple[str, str, int], ...] = TRA
     from source B without it; every ``no`` slice comes from B. The mark predicts the label in all but the few B tumour
     slices, as a source's look does in real collections. ``index.csv`` names each image's source."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
     rows = []
     for label, source, n in parts:
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img = (90 + rng.normal(0, 8, (SIZE, SIZE))) * ((((yy - 32) / 24) ** 2 + ((xx - 32) / 22) ** 2) < 1)
-            if label == "yes":
-                cy, cx = rng.uniform(22, 42, 2)
-                img += TUMOUR * (((yy - cy) ** 2 + (xx - cx) ** 2) < 25)
-            if source == "A":
-                img[:6, :6] = 255
+            img, _ = cued_slice(rng, tumour=TUMOUR if label == "yes" else 0.0, mark=6 if source == "A" else 0)
             path = f"{label}/{source}{i:03d}.png"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / path)
+            Image.fromarray(img).save(root / path)
             rows.append({"path": path, "label": label, "source": source})
     with (root / "index.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
