@@ -1,9 +1,11 @@
 """External benchmark on the shared data: does a model learn the tumour, or the source of its training images?
 
-    python benchmarks/external.py [--parts yesno,fourclass,confound] [--set train.low_res=0 ...] [--out DIR]
+    python benchmarks/external.py [--parts yesno,fourclass,confound] [--recipe robust] [--set train.low_res=0 ...]
+        [--out DIR]
 
 Parts (each trains with brainscan's defaults, MobileNetV2 from the shared ImageNet weights, seed 0, unless
-``--set SECTION.FIELD=VALUE`` overrides a config field — how levers are measured):
+``--recipe NAME`` applies a named recipe and ``--set SECTION.FIELD=VALUE`` overrides a config field after it — how
+levers are measured):
 
 * ``yesno``: trained on the 253-image yes/no set (70/15/15, duplicate-aware), and again with ``--final`` (every
   image but val); each asked about the 4-class set's ``Testing/`` minus every image with a copy in its train/val
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig, train
+from brainscan.config import RECIPES
 from brainscan.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +153,7 @@ PARTS = {"yesno": yesno_part}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="yesno,fourclass,confound")
+    parser.add_argument("--recipe", default="fast", choices=list(RECIPES), help="a named recipe, applied before --set")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "external")
     parser.add_argument(
@@ -162,8 +166,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if not all(p.exists() for p in (YESNO, FOURCLASS, FIGSHARE, WEIGHTS)):
         sys.exit(f"needs {DATA} and {WEIGHTS} (../shared beside the checkout)")
-    overrides = parse_overrides(args.overrides)
-    figures: dict[str, Any] = {"overrides": args.overrides}
+    overrides = {section: dict(values) for section, values in RECIPES[args.recipe].items()}
+    for section, values in parse_overrides(args.overrides).items():
+        overrides[section] = {**overrides.get(section, {}), **values}
+    figures: dict[str, Any] = {"recipe": args.recipe, "overrides": args.overrides}
     started = time.time()
     for part in args.parts.split(","):
         if part == "confound":
