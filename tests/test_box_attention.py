@@ -109,24 +109,6 @@ def test_a_model_trained_with_box_loss_looks_at_the_tumour_not_the_cue(tmp_path:
     assert pointing[1.0] >= pointing[0.0] + 0.2, pointing
 
 
-def test_box_loss_needs_boxes_and_says_so_before_any_work(tmp_path: Path, yes_no_folder: Path) -> None:
-    config = RunConfig(
-        DataConfig(root=str(yes_no_folder), image_size=SIZE),
-        out=str(tmp_path / "run"),
-        model=ModelConfig(name="cnn"),
-        train=TrainConfig(epochs=1, box_loss=1.0),
-    )
-    with pytest.raises(BrainscanError, match="--box-loss needs tumour boxes: it needs an index CSV"):
-        train(config)
-    index = tmp_path / "plain.csv"
-    index.write_text("path,label\n" + "".join(f"{p.relative_to(yes_no_folder)},{p.parent.name}\n"
-                                                for p in sorted(yes_no_folder.rglob("*.png"))))  # fmt: skip
-    unboxed = dataclasses.replace(config, data=dataclasses.replace(config.data, index=str(index)))
-    with pytest.raises(BrainscanError, match="plain.csv has no columns box_x_center"):
-        train(unboxed)
-    assert not (tmp_path / "run").exists()
-
-
 def test_box_attention_refuses_a_layer_that_does_not_feed_the_classifier() -> None:
     spec = dataclasses.replace(get_spec("cnn"), cam_layers=("features.3",))
     with pytest.raises(BrainscanError, match="features.3 gives 128 channels"):

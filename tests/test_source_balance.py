@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from PIL import Image
 
 from brainscan import DataConfig, ModelConfig, RunConfig, TrainConfig, train
 from brainscan.data.sources import UNSPECIFIED, index_sources, source_balanced_weights
-from brainscan.errors import BrainscanError
 from brainscan.predict import Predictor
 
 from .conftest import cued_slice
@@ -83,23 +81,3 @@ def test_source_balanced_draws_teach_the_tumour_where_the_source_gives_the_label
         found[balance] = labels.count("yes") / len(labels)
     assert "Draws balanced by class, then by source within each class: no B 4" in caplog.text
     assert found["source"] >= found["loss"] + 0.3, found  # by hand: 0.0 -> 0.775
-
-
-def test_balance_by_source_needs_a_source_column_and_says_so_before_any_work(
-    tmp_path: Path, yes_no_folder: Path
-) -> None:
-    config = RunConfig(
-        DataConfig(root=str(yes_no_folder), image_size=SIZE),
-        out=str(tmp_path / "run"),
-        model=ModelConfig(name="cnn"),
-        train=TrainConfig(epochs=1, balance="source"),
-    )
-    with pytest.raises(BrainscanError, match="--balance source needs each image's source: it needs an index CSV"):
-        train(config)
-    index = tmp_path / "plain.csv"
-    index.write_text("path,label\n" + "".join(f"{p.relative_to(yes_no_folder)},{p.parent.name}\n"
-                                                for p in sorted(yes_no_folder.rglob("*.png"))))  # fmt: skip
-    without = dataclasses.replace(config, data=dataclasses.replace(config.data, index=str(index)))
-    with pytest.raises(BrainscanError, match="plain.csv has no column source"):
-        train(without)
-    assert not (tmp_path / "run").exists()

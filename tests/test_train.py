@@ -259,3 +259,32 @@ def test_the_slice_cache_stays_in_host_memory_on_a_cpu_without_a_copy() -> None:
     dataset = SliceDataset(cache, np.array([0, 1, 0, 1]), np.array([1, 3]))
     image, target = dataset[1]
     assert image.shape == (1, 8, 8) and torch.equal(image[0], torch.from_numpy(images[3])) and target == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "no_index", "no_columns"),
+    [
+        ({"box_loss": 1.0}, "--box-loss needs tumour boxes: it needs an index CSV",
+         "plain.csv has no columns box_x_center"),
+        ({"balance": "source"}, "--balance source needs each image's source: it needs an index CSV",
+         "plain.csv has no column source"),
+    ],
+)  # fmt: skip
+def test_options_that_read_index_columns_refuse_data_without_them_before_any_work(
+    tmp_path: Path, yes_no_folder: Path, option: dict, no_index: str, no_columns: str
+) -> None:
+    config = RunConfig(
+        DataConfig(root=str(yes_no_folder), image_size=64),
+        out=str(tmp_path / "run"),
+        model=ModelConfig(name="cnn"),
+        train=TrainConfig(epochs=1, **option),
+    )
+    with pytest.raises(BrainscanError, match=no_index):
+        train(config)
+    index = tmp_path / "plain.csv"
+    index.write_text("path,label\n" + "".join(f"{p.relative_to(yes_no_folder)},{p.parent.name}\n"
+                                                for p in sorted(yes_no_folder.rglob("*.png"))))  # fmt: skip
+    without = replace(config, data=replace(config.data, index=str(index)))
+    with pytest.raises(BrainscanError, match=no_columns):
+        train(without)
+    assert not (tmp_path / "run").exists()

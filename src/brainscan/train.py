@@ -284,6 +284,7 @@ def _train(
     config, last = _resume_state(run_dir, config) if resume else (config.resolved(), None)
     if last is None:
         check_new_run(config, run_dir, overwrite=overwrite)
+    check_index_columns(config)  # a resumed run too: its index may have changed since
     barrier(ranks)  # every rank has checked --out before rank 0 writes into it
     s = _set_up(config, run_dir, resumed=last is not None, overwrite=overwrite, progress=progress, ranks=ranks)
     tracker = Tracker(sign=-1.0 if config.train.monitor == "val_loss" else 1.0)
@@ -324,7 +325,7 @@ def _train(
 
 
 def check_new_run(config: RunConfig, run_dir: Path, *, overwrite: bool = False) -> None:
-    """Everything that can be checked before any image is read: the output folder is new or empty (or
+    """What a new run can check before any image is read: the output folder is new or empty (or
     ``overwrite``) and outside the data, and a pretrained architecture has weights (or was asked to start from
     random ones)."""
     index = Path(config.data.index) if config.data.index else None
@@ -332,7 +333,6 @@ def check_new_run(config: RunConfig, run_dir: Path, *, overwrite: bool = False) 
     check_output(run_dir, own=lambda name: name == own_index, overwrite=overwrite, wanted=config)
     check_outside_data(run_dir, config)
     check_model_weights(config)
-    check_index_columns(config)
 
 
 def check_index_columns(config: RunConfig) -> None:
@@ -459,7 +459,7 @@ def _training_boxes(data: PreparedData, train_idx: np.ndarray, preprocess: Prepr
         BrainscanError: no training image has a box.
     """
     index = find_index(config.data.root, config.data.index)
-    check_has_boxes(index, why="--box-loss")
+    assert index is not None  # check_index_columns refused data without one
     paths = [data.rows[i]["path"] for i in train_idx]
     boxes = slice_boxes(data.root, paths, index_boxes(index), preprocess.slice_format)
     boxed = int(np.isfinite(boxes[:, 0]).sum())
@@ -479,7 +479,7 @@ def _sample_weights(
     if config.train.balance != "source":
         return None
     index = find_index(config.data.root, config.data.index)
-    check_has_sources(index, why="--balance source")
+    assert index is not None  # check_index_columns refused data without one
     sources = index_sources(index, [data.rows[i]["path"] for i in train_idx])
     weights, cells = source_balanced_weights(data.targets[train_idx], sources)
     log.info("Draws balanced by class, then by source within each class: %s.", "; ".join(
